@@ -1,0 +1,226 @@
+"""Builds the ONNX graphs: camera image -> patch features, and patch features -> anomaly map.
+
+One model file holds the whole path from the camera's uint8 BGR image to the image score:
+
+    image uint8 [H, W, 3] BGR
+      -> crop the region of interest, BGR -> RGB, float NCHW
+      -> resize (antialiased, aspect ratio kept) so the longer side is `size` pixels,
+         both sides rounded to a multiple of 16
+      -> (x - 127) / 128, reflect-pad by PAD pixels (keeps zero padding out of the border cells)
+      -> EfficientNet-Lite0 up to stride 16
+      -> 3x3 average of each map, stride-16 map upsampled to stride 8, concatenated (152 channels)
+      -> distance of every patch to its nearest memory-bank entry, Gaussian smoothing
+      -> anomaly_map [1, 1, h, w] and score [1] (its maximum)
+
+Training runs the same graph, cut after the features, so nothing outside it re-implements
+the preprocessing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 18
+STRIDE = 8
+PAD = 32  # pixels of the resized image; a multiple of 16
+MEAN = 127.0
+STD = 128.0
+SMOOTH_SIGMA = 1.0  # in map cells
+
+
+class _Builder:
+    """Collects nodes and initializers with unique names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def const(self, value: np.ndarray | list[int] | list[float], dtype: type = np.int64) -> str:
+        self._n += 1
+        name = f"c{self._n}"
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs: object) -> str:
+        self._n += 1
+        outs = [f"t{self._n}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"n{self._n}", **attrs))
+        return outs[0]
+
+
+def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """The (height, width) the region is resized to: longer side `size`, multiples of 16.
+
+    >>> resized_size(380, 550, 256)
+    (176, 256)
+    """
+    scale = size / max(height, width)
+    return (
+        max(16, round(height * scale / 16) * 16),
+        max(16, round(width * scale / 16) * 16),
+    )
+
+
+def map_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """The anomaly map's (height, width) for a region of that size."""
+    h, w = resized_size(height, width, size)
+    return h // STRIDE, w // STRIDE
+
+
+def _preprocess(b: _Builder, image: str, roi: tuple[int, int, int, int] | None, size: int) -> str:
+    x = image
+    if roi is not None:
+        rx, ry, rw, rh = roi
+        x = b.op("Slice", [x, b.const([ry, rx]), b.const([ry + rh, rx + rw]), b.const([0, 1])])
+    x = b.op("Gather", [x, b.const([2, 1, 0])], axis=2)  # BGR -> RGB
+    x = b.op("Cast", [x], to=TensorProto.FLOAT)
+    x = b.op("Transpose", [x], perm=[2, 0, 1])
+    x = b.op("Unsqueeze", [x, b.const([0])])  # [1, 3, h, w]
+    # Target size, computed in the graph so the same file serves any region size:
+    # round(side * size / longer_side / 16) * 16, at least 16.
+    hw = b.op("Cast", [b.op("Slice", [b.op("Shape", [x]), b.const([2]), b.const([4])])], to=1)
+    scale = b.op("Div", [b.const([float(size)], np.float32), b.op("ReduceMax", [hw], keepdims=1)])
+    sixteenths = b.op("Round", [b.op("Div", [b.op("Mul", [hw, scale]), b.const([16.0], np.float32)])])
+    sixteenths = b.op("Max", [sixteenths, b.const([1.0], np.float32)])
+    target = b.op("Cast", [b.op("Mul", [sixteenths, b.const([16.0], np.float32)])], to=7)
+    sizes = b.op("Concat", [b.const([1, 3]), target], axis=0)
+    x = b.op("Resize", [x, "", "", sizes], mode="linear", antialias=1)
+    x = b.op("Mul", [b.op("Sub", [x, b.const([MEAN], np.float32)]), b.const([1 / STD], np.float32)])
+    pads = b.const([0, 0, PAD, PAD, 0, 0, PAD, PAD])
+    return b.op("Pad", [x, pads], mode="reflect")
+
+
+def _inline_backbone(b: _Builder, backbone: onnx.ModelProto, x: str) -> tuple[str, str]:
+    graph = backbone.graph
+    rename = {graph.input[0].name: x}
+
+    def name(n: str) -> str:
+        return rename.get(n, f"bb/{n}") if n else ""
+
+    for init in graph.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init)
+        copy.name = name(init.name)
+        b.inits.append(copy)
+    for node in graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"bb/{node.name}"
+        copy.input[:] = [name(i) for i in node.input]
+        copy.output[:] = [name(o) for o in node.output]
+        b.nodes.append(copy)
+    return name(graph.output[0].name), name(graph.output[1].name)
+
+
+def _features(b: _Builder, s8: str, s16: str) -> str:
+    s8 = b.op("AveragePool", [s8], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0)
+    s16 = b.op("AveragePool", [s16], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0)
+    sizes = b.op("Shape", [s8])
+    sizes = b.op("Concat", [b.const([1, 112]), b.op("Slice", [sizes, b.const([2]), b.const([4])])], axis=0)
+    s16 = b.op("Resize", [s16, "", "", sizes], mode="linear")
+    f = b.op("Concat", [s8, s16], axis=1)
+    cut = PAD // STRIDE  # drop the cells that only saw padding
+    return b.op("Slice", [f, b.const([cut, cut]), b.const([-cut, -cut]), b.const([2, 3])])
+
+
+def _gaussian_kernel(sigma: float) -> np.ndarray:
+    r = int(np.ceil(2 * sigma))
+    g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k = np.outer(g, g)
+    return (k / k.sum()).astype(np.float32)[None, None]
+
+
+def _score(b: _Builder, fmap: str, bank_t: str, bank_sq: str) -> tuple[str, str]:
+    """Nearest-neighbour distance of each patch in fmap [1, C, h, w] to bank_t [C, M]."""
+    shape = b.op("Shape", [fmap])
+    c = b.op("Slice", [shape, b.const([1]), b.const([2])])
+    q = b.op("Transpose", [b.op("Reshape", [fmap, b.op("Concat", [c, b.const([-1])], axis=0)])], perm=[1, 0])
+    # |q - m|^2 = |q|^2 - 2 q.m + |m|^2; the minimum over m needs only the last two terms.
+    cross = b.op("MatMul", [q, bank_t])
+    nearest = b.op("ReduceMin", [b.op("Sub", [bank_sq, b.op("Add", [cross, cross])]), b.const([1])], keepdims=0)
+    qq = b.op("ReduceSum", [b.op("Mul", [q, q]), b.const([1])], keepdims=0)
+    dist = b.op("Sqrt", [b.op("Relu", [b.op("Add", [nearest, qq])])])
+    hw = b.op("Slice", [shape, b.const([2]), b.const([4])])
+    raw = b.op("Reshape", [dist, b.op("Concat", [b.const([1, 1]), hw], axis=0)])
+    kernel = _gaussian_kernel(SMOOTH_SIGMA)
+    r = kernel.shape[-1] // 2
+    padded = b.op("Pad", [raw, b.const([0, 0, r, r, 0, 0, r, r])], mode="reflect")
+    amap = b.op("Conv", [padded, b.const(kernel, np.float32)])
+    score = b.op("ReduceMax", [amap, b.const([1, 2, 3])], keepdims=0)
+    return b.op("Reshape", [score, b.const([1])]), amap
+
+
+def _image_input(image_hw: tuple[int, int] | None) -> onnx.ValueInfoProto:
+    dims: list[int | str] = [*image_hw, 3] if image_hw else ["height", "width", 3]
+    return helper.make_tensor_value_info("image", TensorProto.UINT8, dims)
+
+
+_OUTPUT_DIMS: dict[str, list[int | str]] = {
+    "features": [1, "channels", "h", "w"],
+    "score": [1],
+    "anomaly_map": [1, 1, "h", "w"],
+}
+
+
+def _finish(b: _Builder, inputs: list[onnx.ValueInfoProto], outputs: dict[str, str]) -> onnx.ModelProto:
+    for public, internal in outputs.items():
+        b.nodes.append(helper.make_node("Identity", [internal], [public], name=f"out/{public}"))
+    graph = helper.make_graph(
+        b.nodes,
+        "edge_inspect",
+        inputs,
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, _OUTPUT_DIMS[k]) for k in outputs],
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 9  # readable by onnxruntime >= 1.15
+    return model
+
+
+def build_feature_graph(
+    backbone: onnx.ModelProto,
+    image_hw: tuple[int, int] | None,
+    roi: tuple[int, int, int, int] | None,
+    size: int,
+) -> onnx.ModelProto:
+    """image [H, W, 3] uint8 BGR -> features [1, 152, h, w]."""
+    b = _Builder()
+    s8, s16 = _inline_backbone(b, backbone, _preprocess(b, "image", roi, size))
+    return _finish(b, [_image_input(image_hw)], {"features": _features(b, s8, s16)})
+
+
+def build_scoring_graph(channels: int) -> onnx.ModelProto:
+    """features [1, C, h, w], bank [C, M], bank_sq [M] -> score [1], anomaly_map [1, 1, h, w].
+
+    Calibration runs this with parts of the bank held out.
+    """
+    b = _Builder()
+    score, amap = _score(b, "features", "bank", "bank_sq")
+    f = TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("features", f, [1, channels, "h", "w"]),
+        helper.make_tensor_value_info("bank", f, [channels, "m"]),
+        helper.make_tensor_value_info("bank_sq", f, ["m"]),
+    ]
+    return _finish(b, inputs, {"score": score, "anomaly_map": amap})
+
+
+def build_model_graph(
+    backbone: onnx.ModelProto,
+    image_hw: tuple[int, int] | None,
+    roi: tuple[int, int, int, int] | None,
+    size: int,
+    bank: np.ndarray,
+) -> onnx.ModelProto:
+    """The deployable model: image -> score [1], anomaly_map [1, 1, h, w]; bank is [M, C]."""
+    b = _Builder()
+    s8, s16 = _inline_backbone(b, backbone, _preprocess(b, "image", roi, size))
+    fmap = _features(b, s8, s16)
+    bank = bank.astype(np.float32)
+    bank_t = b.const(np.ascontiguousarray(bank.T), np.float32)
+    bank_sq = b.const((bank * bank).sum(axis=1), np.float32)
+    score, amap = _score(b, fmap, bank_t, bank_sq)
+    return _finish(b, [_image_input(image_hw)], {"score": score, "anomaly_map": amap})

@@ -1,0 +1,148 @@
+"""Image files in, pixels out: the one place that reads images (uint8, HxWx3, BGR)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MAX_PIXELS = 50_000_000
+MAX_BYTES = 100_000_000
+MIN_SIDE = 32
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOI = b"\xff\xd8"
+# SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+class ImageError(ValueError):
+    """An image file that edge-inspect cannot use; the message names the file and the reason."""
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Return the image files directly inside `folder`, sorted by name, hidden files skipped.
+
+    Example: `list_images(Path("data/good"))` -> `[Path("data/good/001.png"), ...]`.
+    """
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ImageError(f"folder {folder} {what}")
+    images = sorted(
+        p
+        for p in folder.iterdir()
+        if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+    if not images:
+        raise ImageError(f"folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+def read_image(
+    path: Path, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES
+) -> np.ndarray:
+    """Read an image file as uint8 HxWx3 BGR, or raise ImageError saying what is wrong.
+
+    Grey images come back with three equal channels and alpha is dropped.
+    Example: `read_image(Path("data/good/001.png")).shape` -> `(480, 640, 3)`.
+    """
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise ImageError(f"image {path} is not a file")
+        if size > max_bytes:
+            raise ImageError(f"image {path} has {size} bytes, more than the limit of {max_bytes}")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"image {path} does not exist") from None
+    except OSError as e:
+        raise ImageError(f"image {path} cannot be read: {e.strerror or e}") from None
+    return decode_image(data, str(path), max_pixels=max_pixels, max_bytes=max_bytes)
+
+
+def decode_image(
+    data: bytes, name: str, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES
+) -> np.ndarray:
+    """Decode the bytes of an image file (an upload, say) with the same checks as read_image.
+
+    `name` is only used in error messages.
+    Example: `decode_image(request_body, "upload.jpg")`.
+    """
+    if len(data) > max_bytes:
+        raise ImageError(f"image {name} has {len(data)} bytes, more than the limit of {max_bytes}")
+    size = _check_header(data, name)
+    if size is not None:
+        _check_size(size[0], size[1], name, max_pixels)
+    try:
+        # ANYDEPTH keeps 16-bit data 16-bit so it can be refused rather than silently scaled.
+        image = cv2.imdecode(
+            np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+        )
+    except cv2.error:
+        image = None
+    if image is None:
+        raise ImageError(f"image {name} is not a readable image file")
+    if image.dtype != np.uint8:
+        bits = image.dtype.itemsize * 8
+        raise ImageError(f"image {name} is {bits}-bit; edge-inspect takes 8-bit images")
+    _check_size(image.shape[1], image.shape[0], name, max_pixels)
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    return np.ascontiguousarray(image)
+
+
+def _check_size(width: int, height: int, name: str, max_pixels: int) -> None:
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise ImageError(
+            f"image {name} is {width}x{height} pixels, smaller than {MIN_SIDE}x{MIN_SIDE}"
+        )
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image {name} is {width}x{height} pixels, more than the limit of {max_pixels}"
+        )
+
+
+def _check_header(data: bytes, name: str) -> tuple[int, int] | None:
+    """Return (width, height) from a PNG or JPEG header, None for other formats."""
+    if data.startswith(_PNG_SIGNATURE):
+        return _png_size(data, name)
+    if data.startswith(_JPEG_SOI):
+        return _jpeg_size(data, name)
+    return None
+
+
+def _png_size(data: bytes, name: str) -> tuple[int, int]:
+    if len(data) < 29 or data[12:16] != b"IHDR":
+        raise ImageError(f"image {name} is not a valid PNG file (no IHDR header)")
+    width, height, depth = struct.unpack(">IIB", data[16:25])
+    if depth == 16:
+        raise ImageError(f"image {name} is 16-bit; edge-inspect takes 8-bit images")
+    if b"IEND" not in data:
+        raise ImageError(f"image {name} is truncated (the PNG has no IEND chunk)")
+    return width, height
+
+
+def _jpeg_size(data: bytes, name: str) -> tuple[int, int]:
+    # Entropy-coded data escapes every FF byte, so the last start-of-scan marker is real
+    # and the end-of-image marker must follow it; an EXIF thumbnail's FF D9 comes earlier.
+    last_scan = data.rfind(b"\xff\xda")
+    if last_scan < 0 or data.find(b"\xff\xd9", last_scan) < 0:
+        raise ImageError(f"image {name} is truncated (the JPEG has no end-of-image marker)")
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker in _JPEG_SOF and i + 9 <= len(data):
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return width, height
+        if marker == 0xDA:
+            break
+        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    raise ImageError(f"image {name} is not a valid JPEG file (no frame header)")

@@ -1,0 +1,274 @@
+"""Builds a model file from a folder of good (and optionally defective) images."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edge import __version__, graph
+from edge.assets import backbone_path
+from edge.images import ImageError, list_images, read_image
+from edge.metrics import best_threshold
+from edge.model import FORMAT_VERSION, ModelMeta, session_options
+
+log = logging.getLogger(__name__)
+
+MIN_NORMAL = 10
+BANK_RATIO = 0.1  # share of all training patches kept in the memory bank
+BANK_MAX = 1536  # bounds inference time: one [patches x bank] matrix product per frame
+NORMAL_SIGMAS = 3.0  # threshold from good images alone: mean + 3 sd of held-out scores
+
+Progress = Callable[[str, int, int], None]
+
+
+class TrainError(ValueError):
+    """Training data or options that cannot make a model; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to build a model. `roi` is (x, y, w, h) in camera pixels."""
+
+    size: int = 256
+    roi: tuple[int, int, int, int] | None = None
+    augment: int = 0  # extra shifted/rotated copies of each good image
+    shift: float = 0.03  # largest shift, as a share of the region's size
+    rotate_deg: float = 3.0  # largest rotation
+    threads: int = 0  # onnxruntime threads; 0 = all cores
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    meta: ModelMeta
+    normal_scores: np.ndarray  # held-out (leave-one-out) scores of the good images
+    anomaly_scores: np.ndarray
+    seconds: float
+
+
+def _quiet(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def _load(folder: Path) -> tuple[list[Path], list[np.ndarray]]:
+    paths = list_images(folder)
+    return paths, [read_image(p) for p in paths]
+
+
+def _check_sizes(paths: list[Path], images: list[np.ndarray], roi: tuple[int, int, int, int] | None) -> tuple[int, int] | None:
+    """The common (h, w) of the images, or None when they differ and no ROI needs one size."""
+    sizes = {im.shape[:2] for im in images}
+    first = images[0].shape[:2]
+    if len(sizes) > 1:
+        odd, (h, w) = next((p, im.shape[:2]) for p, im in zip(paths, images) if im.shape[:2] != first)
+        if roi is not None:
+            raise TrainError(
+                f"image {odd} is {w}x{h} but {paths[0].name} is {first[1]}x{first[0]}; "
+                "a region of interest needs all images the same size"
+            )
+        log.warning("images differ in size (e.g. %s); the model will take any size", odd.name)
+        return None
+    if roi is not None:
+        x, y, w, h = roi
+        if x < 0 or y < 0 or w < 16 or h < 16 or x + w > first[1] or y + h > first[0]:
+            raise TrainError(f"ROI {roi} does not fit in the {first[1]}x{first[0]} images")
+    return first
+
+
+def _augment(image: np.ndarray, n: int, opts: TrainOptions, rng: np.random.Generator) -> list[np.ndarray]:
+    """n copies of image, each shifted and rotated a little, as a hand-placed part would be."""
+    h, w = image.shape[:2]
+    out = []
+    for _ in range(n):
+        angle = rng.uniform(-opts.rotate_deg, opts.rotate_deg)
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+        m[:, 2] += rng.uniform(-opts.shift, opts.shift, 2) * (w, h)
+        out.append(cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REFLECT_101))
+    return out
+
+
+def coreset(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of n rows of x chosen greedily so every row is close to a chosen one (k-center).
+
+    Distances are taken in a 64-d random projection, as PatchCore does, to keep it fast.
+    """
+    if n >= len(x):
+        return np.arange(len(x))
+    rng = np.random.default_rng(seed)
+    proj = rng.normal(size=(x.shape[1], 64)).astype(np.float32) / 8.0
+    z = x @ proj
+    chosen = np.empty(n, dtype=np.int64)
+    chosen[0] = int(np.argmin(((z - z.mean(0)) ** 2).sum(1)))
+    dist = ((z - z[chosen[0]]) ** 2).sum(1)
+    for i in range(1, n):
+        chosen[i] = int(np.argmax(dist))
+        np.minimum(dist, ((z - z[chosen[i]]) ** 2).sum(1), out=dist)
+    return chosen
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digests = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in paths)
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+def _threshold(normal: np.ndarray, anomaly: np.ndarray) -> tuple[float, str, float]:
+    """(threshold, rule, expected false-reject rate) from held-out normal and defect scores."""
+    mean, sd = float(normal.mean()), float(normal.std(ddof=1))
+    if len(anomaly):
+        t = best_threshold(normal, anomaly)
+        rule = f"best separation of {len(normal)} held-out good and {len(anomaly)} labelled defective images"
+    else:
+        t = mean + NORMAL_SIGMAS * sd
+        rule = f"mean + {NORMAL_SIGMAS:g} sd of {len(normal)} held-out good images (leave-one-out)"
+    # Expected false rejects: the tail of a normal fit to the held-out good scores.
+    frr = 0.5 * math.erfc((t - mean) / (sd * math.sqrt(2))) if sd > 0 else float(t < mean)
+    return t, rule, frr
+
+
+def train(
+    data: Path,
+    output: Path,
+    opts: TrainOptions = TrainOptions(),
+    progress: Progress = _quiet,
+) -> TrainResult:
+    """Train a model from data/normal (and data/anomaly if present) and write it to output.
+
+    >>> train(Path("data"), Path("station.onnx")).meta.threshold  # doctest: +SKIP
+    41.7
+    """
+    start = time.monotonic()
+    normal_dir, anomaly_dir = data / "normal", data / "anomaly"
+    if not data.is_dir():
+        raise TrainError(f"training folder {data} does not exist")
+    if not normal_dir.is_dir():
+        raise TrainError(f"training folder {data} has no normal/ folder of good images")
+    normal_paths, normals = _load(normal_dir)
+    if len(normals) < MIN_NORMAL:
+        raise TrainError(f"folder {normal_dir} holds {len(normals)} images; training needs at least {MIN_NORMAL} good ones")
+    anomaly_paths: list[Path] = []
+    anomalies: list[np.ndarray] = []
+    if anomaly_dir.is_dir() and any(anomaly_dir.iterdir()):
+        anomaly_paths, anomalies = _load(anomaly_dir)
+    image_hw = _check_sizes(normal_paths + anomaly_paths, normals + anomalies, opts.roi)
+    if opts.size % 16 or not 64 <= opts.size <= 1024:
+        raise TrainError(f"input size {opts.size} must be a multiple of 16 between 64 and 1024")
+
+    backbone_file = backbone_path()
+    backbone = onnx.load(str(backbone_file))
+    threads = opts.threads or os.cpu_count() or 1
+    features = ort.InferenceSession(
+        graph.build_feature_graph(backbone, image_hw, opts.roi, opts.size).SerializeToString(),
+        session_options(threads),
+        providers=["CPUExecutionProvider"],
+    )
+
+    rng = np.random.default_rng(opts.seed)
+    patches: list[np.ndarray] = []
+    owners: list[np.ndarray] = []
+    total = len(normals) * (1 + opts.augment) + len(anomalies)
+    done = 0
+    for i, image in enumerate(normals):
+        for view in [image, *_augment(image, opts.augment, opts, rng)]:
+            (fmap,) = features.run(None, {"image": view})
+            p = fmap[0].reshape(fmap.shape[1], -1).T
+            patches.append(p)
+            owners.append(np.full(len(p), i))
+            done += 1
+            progress("features", done, total)
+    x = np.concatenate(patches)
+    owner = np.concatenate(owners)
+    channels = x.shape[1]
+
+    n_bank = min(BANK_MAX, max(1, int(len(x) * BANK_RATIO)))
+    progress("memory bank", 0, 1)
+    chosen = coreset(x, n_bank, opts.seed)
+    bank, bank_owner = x[chosen], owner[chosen]
+    progress("memory bank", 1, 1)
+
+    scorer = ort.InferenceSession(
+        graph.build_scoring_graph(channels).SerializeToString(),
+        session_options(threads),
+        providers=["CPUExecutionProvider"],
+    )
+
+    def score(fmap: np.ndarray, keep: np.ndarray) -> float:
+        b = bank[keep]
+        out = scorer.run(None, {"features": fmap, "bank": np.ascontiguousarray(b.T), "bank_sq": (b * b).sum(1)})
+        return float(out[0][0])
+
+    # Held-out scores: each good image against the bank without the entries it contributed.
+    normal_scores = []
+    for i, image in enumerate(normals):
+        (fmap,) = features.run(None, {"image": image})
+        normal_scores.append(score(fmap, bank_owner != i))
+        progress("calibration", i + 1, len(normals) + len(anomalies))
+    everything = np.ones(len(bank), dtype=bool)
+    anomaly_scores = []
+    for j, image in enumerate(anomalies):
+        (fmap,) = features.run(None, {"image": image})
+        anomaly_scores.append(score(fmap, everything))
+        progress("calibration", len(normals) + j + 1, len(normals) + len(anomalies))
+        done += 1
+    ns, ans = np.array(normal_scores), np.array(anomaly_scores)
+    threshold, rule, frr = _threshold(ns, ans)
+
+    meta = ModelMeta(
+        format_version=FORMAT_VERSION,
+        tool_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        input="image: uint8 [H, W, 3], BGR, HWC (an OpenCV frame)",
+        colour_order="BGR",
+        layout="HWC",
+        image_size=f"{image_hw[1]}x{image_hw[0]}" if image_hw else "any",
+        roi=",".join(str(v) for v in opts.roi) if opts.roi else "",
+        input_size=opts.size,
+        map_stride=graph.STRIDE,
+        threshold=threshold,
+        calibration=rule,
+        expected_false_reject_rate=frr,
+        backbone={p.key: p.value for p in backbone.metadata_props}.get(
+            "edge_inspect.backbone", backbone_file.stem
+        ),
+        backbone_sha256=hashlib.sha256(backbone_file.read_bytes()).hexdigest(),
+        train_normal_count=len(normals),
+        train_anomaly_count=len(anomalies),
+        train_images_sha256=_hash_files(normal_paths + anomaly_paths),
+        bank_size=len(bank),
+        augment=opts.augment,
+    )
+    model = graph.build_model_graph(backbone, image_hw, opts.roi, opts.size, bank)
+    for k, v in meta.to_props().items():
+        model.metadata_props.add(key=k, value=v)
+    write_atomically(model, output)
+    return TrainResult(meta, ns, ans, time.monotonic() - start)
+
+
+def write_atomically(model: onnx.ModelProto, output: Path) -> None:
+    """Write model to output through a temporary file, so a failure leaves nothing half-written."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["ImageError", "TrainError", "TrainOptions", "TrainResult", "train"]
