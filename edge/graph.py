@@ -47,7 +47,9 @@ class _Builder:
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs: object) -> str:
         self._n += 1
         outs = [f"t{self._n}_{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"n{self._n}", **attrs))
+        node = helper.make_node(op_type, inputs, outs, name=f"n{self._n}")
+        node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+        self.nodes.append(node)
         return outs[0]
 
 
@@ -75,7 +77,6 @@ def _preprocess(b: _Builder, image: str, roi: tuple[int, int, int, int] | None, 
     if roi is not None:
         rx, ry, rw, rh = roi
         x = b.op("Slice", [x, b.const([ry, rx]), b.const([ry + rh, rx + rw]), b.const([0, 1])])
-    x = b.op("Gather", [x, b.const([2, 1, 0])], axis=2)  # BGR -> RGB
     x = b.op("Cast", [x], to=TensorProto.FLOAT)
     x = b.op("Transpose", [x], perm=[2, 0, 1])
     x = b.op("Unsqueeze", [x, b.const([0])])  # [1, 3, h, w]
@@ -83,11 +84,14 @@ def _preprocess(b: _Builder, image: str, roi: tuple[int, int, int, int] | None, 
     # round(side * size / longer_side / 16) * 16, at least 16.
     hw = b.op("Cast", [b.op("Slice", [b.op("Shape", [x]), b.const([2]), b.const([4])])], to=1)
     scale = b.op("Div", [b.const([float(size)], np.float32), b.op("ReduceMax", [hw], keepdims=1)])
-    sixteenths = b.op("Round", [b.op("Div", [b.op("Mul", [hw, scale]), b.const([16.0], np.float32)])])
+    sixteenths = b.op(
+        "Round", [b.op("Div", [b.op("Mul", [hw, scale]), b.const([16.0], np.float32)])]
+    )
     sixteenths = b.op("Max", [sixteenths, b.const([1.0], np.float32)])
     target = b.op("Cast", [b.op("Mul", [sixteenths, b.const([16.0], np.float32)])], to=7)
     sizes = b.op("Concat", [b.const([1, 3]), target], axis=0)
     x = b.op("Resize", [x, "", "", sizes], mode="linear", antialias=1)
+    x = b.op("Gather", [x, b.const([2, 1, 0])], axis=1)  # BGR -> RGB, on the small image
     x = b.op("Mul", [b.op("Sub", [x, b.const([MEAN], np.float32)]), b.const([1 / STD], np.float32)])
     pads = b.const([0, 0, PAD, PAD, 0, 0, PAD, PAD])
     return b.op("Pad", [x, pads], mode="reflect")
@@ -119,7 +123,9 @@ def _features(b: _Builder, s8: str, s16: str) -> str:
     s8 = b.op("AveragePool", [s8], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0)
     s16 = b.op("AveragePool", [s16], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0)
     sizes = b.op("Shape", [s8])
-    sizes = b.op("Concat", [b.const([1, 112]), b.op("Slice", [sizes, b.const([2]), b.const([4])])], axis=0)
+    sizes = b.op(
+        "Concat", [b.const([1, 112]), b.op("Slice", [sizes, b.const([2]), b.const([4])])], axis=0
+    )
     s16 = b.op("Resize", [s16, "", "", sizes], mode="linear")
     f = b.op("Concat", [s8, s16], axis=1)
     cut = PAD // STRIDE  # drop the cells that only saw padding
@@ -130,17 +136,24 @@ def _gaussian_kernel(sigma: float) -> np.ndarray:
     r = int(np.ceil(2 * sigma))
     g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     k = np.outer(g, g)
-    return (k / k.sum()).astype(np.float32)[None, None]
+    out: np.ndarray = (k / k.sum()).astype(np.float32)[None, None]
+    return out
 
 
 def _score(b: _Builder, fmap: str, bank_t: str, bank_sq: str) -> tuple[str, str]:
     """Nearest-neighbour distance of each patch in fmap [1, C, h, w] to bank_t [C, M]."""
     shape = b.op("Shape", [fmap])
     c = b.op("Slice", [shape, b.const([1]), b.const([2])])
-    q = b.op("Transpose", [b.op("Reshape", [fmap, b.op("Concat", [c, b.const([-1])], axis=0)])], perm=[1, 0])
+    q = b.op(
+        "Transpose",
+        [b.op("Reshape", [fmap, b.op("Concat", [c, b.const([-1])], axis=0)])],
+        perm=[1, 0],
+    )
     # |q - m|^2 = |q|^2 - 2 q.m + |m|^2; the minimum over m needs only the last two terms.
     cross = b.op("MatMul", [q, bank_t])
-    nearest = b.op("ReduceMin", [b.op("Sub", [bank_sq, b.op("Add", [cross, cross])]), b.const([1])], keepdims=0)
+    nearest = b.op(
+        "ReduceMin", [b.op("Sub", [bank_sq, b.op("Add", [cross, cross])]), b.const([1])], keepdims=0
+    )
     qq = b.op("ReduceSum", [b.op("Mul", [q, q]), b.const([1])], keepdims=0)
     dist = b.op("Sqrt", [b.op("Relu", [b.op("Add", [nearest, qq])])])
     hw = b.op("Slice", [shape, b.const([2]), b.const([4])])
@@ -165,7 +178,9 @@ _OUTPUT_DIMS: dict[str, list[int | str]] = {
 }
 
 
-def _finish(b: _Builder, inputs: list[onnx.ValueInfoProto], outputs: dict[str, str]) -> onnx.ModelProto:
+def _finish(
+    b: _Builder, inputs: list[onnx.ValueInfoProto], outputs: dict[str, str]
+) -> onnx.ModelProto:
     for public, internal in outputs.items():
         b.nodes.append(helper.make_node("Identity", [internal], [public], name=f"out/{public}"))
     graph = helper.make_graph(

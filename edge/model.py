@@ -58,7 +58,9 @@ class ModelMeta:
         for f in fields(cls):
             raw = props.get(PREFIX + f.name)
             if raw is None:
-                raise ModelError(f"model {source} is not an edge-inspect model (no {PREFIX}{f.name})")
+                raise ModelError(
+                    f"model {source} is not an edge-inspect model (no {PREFIX}{f.name})"
+                )
             try:
                 values[f.name] = {"int": int, "float": float}.get(str(f.type), str)(raw)
             except ValueError:
@@ -66,7 +68,8 @@ class ModelMeta:
         meta = cls(**values)  # type: ignore[arg-type]
         if meta.format_version != FORMAT_VERSION:
             raise ModelError(
-                f"model {source} has format {meta.format_version}; this edge-inspect reads {FORMAT_VERSION}"
+                f"model {source} has format {meta.format_version}; "
+                f"this edge-inspect reads format {FORMAT_VERSION}"
             )
         return meta
 
@@ -92,7 +95,9 @@ def read_meta(path: Path) -> ModelMeta:
     except FileNotFoundError:
         raise ModelError(f"model {path} does not exist") from None
     except Exception as exc:
-        raise ModelError(f"model {path} is not a readable ONNX file ({type(exc).__name__})") from None
+        raise ModelError(
+            f"model {path} is not a readable ONNX file ({type(exc).__name__})"
+        ) from None
     return ModelMeta.from_props({p.key: p.value for p in proto.metadata_props}, str(path))
 
 
@@ -112,12 +117,12 @@ class Model:
     'ok'
     """
 
-    def __init__(
-        self, path: Path, threads: int = 1, providers: list[str] | None = None
-    ) -> None:
+    def __init__(self, path: Path, threads: int = 1, providers: list[str] | None = None) -> None:
         self.path = Path(path)
         try:
             data = self.path.read_bytes()
+        except FileNotFoundError:
+            raise ModelError(f"model {path} does not exist") from None
         except OSError as exc:
             raise ModelError(f"model {path} cannot be read ({exc.strerror})") from None
         self.sha256 = hashlib.sha256(data).hexdigest()
@@ -125,7 +130,9 @@ class Model:
         try:
             proto = onnx.load_from_string(data)
         except Exception as exc:
-            raise ModelError(f"model {path} is not a readable ONNX file ({type(exc).__name__})") from None
+            raise ModelError(
+                f"model {path} is not a readable ONNX file ({type(exc).__name__})"
+            ) from None
         self.meta = ModelMeta.from_props({p.key: p.value for p in proto.metadata_props}, str(path))
         try:
             self._session = ort.InferenceSession(
@@ -136,7 +143,21 @@ class Model:
         names = [i.name for i in self._session.get_inputs()]
         outs = [o.name for o in self._session.get_outputs()]
         if names != ["image"] or outs != ["score", "anomaly_map"]:
-            raise ModelError(f"model {path} does not have the image -> score, anomaly_map interface")
+            raise ModelError(
+                f"model {path} does not have the image -> score, anomaly_map interface"
+            )
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One inference on a grey frame, so the first real frame is not the slow one."""
+        h, w = self.meta.image_hw or (240, 320)
+        roi = self.meta.roi_box
+        if roi is not None:
+            h, w = max(h, roi[1] + roi[3]), max(w, roi[0] + roi[2])
+        try:
+            self.run(np.full((h, w, 3), 128, np.uint8))
+        except Exception as exc:
+            raise ModelError(f"model {self.path} fails on a test frame: {exc}") from None
 
     @property
     def threshold(self) -> float:
@@ -153,7 +174,9 @@ class Model:
                 f"was trained on {hw[1]}x{hw[0]} images"
             )
         roi = self.meta.roi_box
-        if roi is not None and (roi[0] + roi[2] > image.shape[1] or roi[1] + roi[3] > image.shape[0]):
+        if roi is not None and (
+            roi[0] + roi[2] > image.shape[1] or roi[1] + roi[3] > image.shape[0]
+        ):
             raise ValueError(f"frame {image.shape[1]}x{image.shape[0]} does not hold the ROI {roi}")
 
     def run(self, image: np.ndarray) -> tuple[float, np.ndarray]:
@@ -195,4 +218,6 @@ def describe(
                 )
             )
         boxes.sort(key=lambda b: b.score, reverse=True)
-    return Detection(score=score, threshold=threshold, anomaly_map=amap, roi=roi, area=area, boxes=boxes)
+    return Detection(
+        score=score, threshold=threshold, anomaly_map=amap, roi=roi, area=area, boxes=boxes
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import tempfile
 import time
@@ -12,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import NormalDist
 
 import cv2
 import numpy as np
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 MIN_NORMAL = 10
 BANK_RATIO = 0.1  # share of all training patches kept in the memory bank
 BANK_MAX = 1536  # bounds inference time: one [patches x bank] matrix product per frame
-NORMAL_SIGMAS = 3.0  # threshold from good images alone: mean + 3 sd of held-out scores
 
 Progress = Callable[[str, int, int], None]
 
@@ -47,6 +46,7 @@ class TrainOptions:
     augment: int = 0  # extra shifted/rotated copies of each good image
     shift: float = 0.03  # largest shift, as a share of the region's size
     rotate_deg: float = 3.0  # largest rotation
+    false_reject_rate: float = 0.01  # target share of good parts rejected, without labelled defects
     threads: int = 0  # onnxruntime threads; 0 = all cores
     seed: int = 0
 
@@ -68,12 +68,16 @@ def _load(folder: Path) -> tuple[list[Path], list[np.ndarray]]:
     return paths, [read_image(p) for p in paths]
 
 
-def _check_sizes(paths: list[Path], images: list[np.ndarray], roi: tuple[int, int, int, int] | None) -> tuple[int, int] | None:
+def _check_sizes(
+    paths: list[Path], images: list[np.ndarray], roi: tuple[int, int, int, int] | None
+) -> tuple[int, int] | None:
     """The common (h, w) of the images, or None when they differ and no ROI needs one size."""
     sizes = {im.shape[:2] for im in images}
     first = images[0].shape[:2]
     if len(sizes) > 1:
-        odd, (h, w) = next((p, im.shape[:2]) for p, im in zip(paths, images) if im.shape[:2] != first)
+        odd, (h, w) = next(
+            (p, im.shape[:2]) for p, im in zip(paths, images, strict=True) if im.shape[:2] != first
+        )
         if roi is not None:
             raise TrainError(
                 f"image {odd} is {w}x{h} but {paths[0].name} is {first[1]}x{first[0]}; "
@@ -88,14 +92,16 @@ def _check_sizes(paths: list[Path], images: list[np.ndarray], roi: tuple[int, in
     return first
 
 
-def _augment(image: np.ndarray, n: int, opts: TrainOptions, rng: np.random.Generator) -> list[np.ndarray]:
+def _augment(
+    image: np.ndarray, n: int, opts: TrainOptions, rng: np.random.Generator
+) -> list[np.ndarray]:
     """n copies of image, each shifted and rotated a little, as a hand-placed part would be."""
     h, w = image.shape[:2]
     out = []
     for _ in range(n):
         angle = rng.uniform(-opts.rotate_deg, opts.rotate_deg)
-        m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
-        m[:, 2] += rng.uniform(-opts.shift, opts.shift, 2) * (w, h)
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0).astype(np.float64)
+        m[:, 2] += rng.uniform(-opts.shift, opts.shift, 2) * np.array([w, h])
         out.append(cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REFLECT_101))
     return out
 
@@ -124,18 +130,28 @@ def _hash_files(paths: list[Path]) -> str:
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
-def _threshold(normal: np.ndarray, anomaly: np.ndarray) -> tuple[float, str, float]:
-    """(threshold, rule, expected false-reject rate) from held-out normal and defect scores."""
-    mean, sd = float(normal.mean()), float(normal.std(ddof=1))
+def _threshold(
+    normal: np.ndarray, anomaly: np.ndarray, false_reject_rate: float
+) -> tuple[float, str, float]:
+    """(threshold, rule, expected false-reject rate) from held-out good and defect scores.
+
+    Held-out good scores are modelled as a normal distribution: that gives the threshold for a
+    target false-reject rate when there are no labelled defects, and the expected rate always.
+    """
+    fit = NormalDist(float(normal.mean()), max(float(normal.std(ddof=1)), 1e-6))
     if len(anomaly):
         t = best_threshold(normal, anomaly)
-        rule = f"best separation of {len(normal)} held-out good and {len(anomaly)} labelled defective images"
+        rule = (
+            f"best separation of {len(normal)} held-out good and "
+            f"{len(anomaly)} labelled defective images"
+        )
     else:
-        t = mean + NORMAL_SIGMAS * sd
-        rule = f"mean + {NORMAL_SIGMAS:g} sd of {len(normal)} held-out good images (leave-one-out)"
-    # Expected false rejects: the tail of a normal fit to the held-out good scores.
-    frr = 0.5 * math.erfc((t - mean) / (sd * math.sqrt(2))) if sd > 0 else float(t < mean)
-    return t, rule, frr
+        t = fit.inv_cdf(1 - false_reject_rate)
+        rule = (
+            f"{100 * false_reject_rate:g} % expected false rejects, from a normal fit to "
+            f"{len(normal)} held-out good images (leave-one-out)"
+        )
+    return t, rule, 1 - fit.cdf(t)
 
 
 def train(
@@ -157,12 +173,17 @@ def train(
         raise TrainError(f"training folder {data} has no normal/ folder of good images")
     normal_paths, normals = _load(normal_dir)
     if len(normals) < MIN_NORMAL:
-        raise TrainError(f"folder {normal_dir} holds {len(normals)} images; training needs at least {MIN_NORMAL} good ones")
+        raise TrainError(
+            f"folder {normal_dir} holds {len(normals)} images; "
+            f"training needs at least {MIN_NORMAL} good ones"
+        )
     anomaly_paths: list[Path] = []
     anomalies: list[np.ndarray] = []
     if anomaly_dir.is_dir() and any(anomaly_dir.iterdir()):
         anomaly_paths, anomalies = _load(anomaly_dir)
     image_hw = _check_sizes(normal_paths + anomaly_paths, normals + anomalies, opts.roi)
+    if not 0 < opts.false_reject_rate < 0.5:
+        raise TrainError(f"false-reject rate {opts.false_reject_rate} must be between 0 and 0.5")
     if opts.size % 16 or not 64 <= opts.size <= 1024:
         raise TrainError(f"input size {opts.size} must be a multiple of 16 between 64 and 1024")
 
@@ -206,7 +227,9 @@ def train(
 
     def score(fmap: np.ndarray, keep: np.ndarray) -> float:
         b = bank[keep]
-        out = scorer.run(None, {"features": fmap, "bank": np.ascontiguousarray(b.T), "bank_sq": (b * b).sum(1)})
+        out = scorer.run(
+            None, {"features": fmap, "bank": np.ascontiguousarray(b.T), "bank_sq": (b * b).sum(1)}
+        )
         return float(out[0][0])
 
     # Held-out scores: each good image against the bank without the entries it contributed.
@@ -223,7 +246,7 @@ def train(
         progress("calibration", len(normals) + j + 1, len(normals) + len(anomalies))
         done += 1
     ns, ans = np.array(normal_scores), np.array(anomaly_scores)
-    threshold, rule, frr = _threshold(ns, ans)
+    threshold, rule, frr = _threshold(ns, ans, opts.false_reject_rate)
 
     meta = ModelMeta(
         format_version=FORMAT_VERSION,

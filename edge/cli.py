@@ -1,0 +1,293 @@
+"""The edge-inspect commands: parse arguments, call one function, map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+
+from edge import __version__
+
+# sysexits.h: the exit codes scripts and systemd can tell apart.
+EX_DATAERR = 65  # bad input data: images, model files
+EX_NOINPUT = 66  # an input file or folder does not exist
+EX_CANTCREAT = 73  # an output cannot be written
+EX_CONFIG = 78
+
+
+def _roi(text: str) -> tuple[int, int, int, int]:
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"ROI {text!r} is not x,y,w,h in pixels (e.g. 40,20,320,240)"
+        ) from None
+    return x, y, w, h
+
+
+class _Progress:
+    """One self-updating line on stderr: stage, count, and time left."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.stage = ""
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.stage, self.start = stage, time.monotonic()
+        elapsed = time.monotonic() - self.start
+        left = elapsed / done * (total - done) if done else 0.0
+        line = (
+            f"{stage}: {done}/{total} images, {left:.1f} s left"
+            if stage != "memory bank"
+            else f"{stage}: {'done' if done else 'choosing patches'}"
+        )
+        if self.tty:
+            print(f"\r\033[K{line}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+        elif done == total:
+            print(line, file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from edge.train import TrainOptions, train
+
+    opts = TrainOptions(
+        size=args.size,
+        roi=args.roi,
+        augment=args.augment,
+        false_reject_rate=args.false_reject_rate / 100,
+        threads=args.threads,
+    )
+    r = train(args.data, args.output, opts, _Progress())
+    m = r.meta
+    print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB) in {r.seconds:.1f} s")
+    print(
+        f"  trained on      {m.train_normal_count} good images"
+        + (f" x{1 + m.augment} with augmentation" if m.augment else "")
+        + (f", {m.train_anomaly_count} labelled defects" if m.train_anomaly_count else "")
+    )
+    print(
+        f"  image size      {m.image_size}, region {m.roi or 'whole image'}, "
+        f"resized to longer side {m.input_size}"
+    )
+    print(f"  memory bank     {m.bank_size} patches")
+    print(f"  good scores     held-out {r.normal_scores.min():.2f} .. {r.normal_scores.max():.2f}")
+    if len(r.anomaly_scores):
+        print(f"  defect scores   {r.anomaly_scores.min():.2f} .. {r.anomaly_scores.max():.2f}")
+    print(f"  threshold       {m.threshold:.2f}  ({m.calibration})")
+    print(f"  expected false rejects {100 * m.expected_false_reject_rate:.2f} % of good parts")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from edge.evaluate import (
+        metrics_of,
+        score_folder,
+        to_json,
+        write_outputs,
+        write_text_atomically,
+    )
+    from edge.model import Model
+
+    model = Model(args.model, threads=1)
+    results = score_folder(model, args.data, lambda d, t: _Progress()("scoring", d, t))
+    metrics = metrics_of(model, results)
+    report = write_outputs(model, results, metrics, args.report)
+    if args.json:
+        write_text_atomically(args.json, to_json(metrics, results))
+    rows = [
+        ("AUROC", "auroc"),
+        ("average precision", "average_precision"),
+        ("accuracy", "accuracy"),
+        ("precision", "precision"),
+        ("recall", "recall"),
+        ("F1", "f1"),
+        ("threshold", "threshold"),
+    ]
+    print(
+        f"model {args.model} ({model.id}) on {args.data}: "
+        f"{metrics['normal_images']} good, {metrics['anomaly_images']} defective images"
+    )
+    for label, key in rows:
+        v = metrics[key]
+        print(f"  {label:18s} {v:.4f}" if isinstance(v, float) else f"  {label:18s} {v}")
+    print("  confusion          predicted OK   predicted NG")
+    print(f"    actually good    {metrics['tn']:12d}   {metrics['fp']:12d}")
+    print(f"    actually bad     {metrics['fn']:12d}   {metrics['tp']:12d}")
+    print(
+        f"  inference ms       p50 {metrics['ms_p50']:.1f}, "
+        f"p95 {metrics['ms_p95']:.1f} (one thread)"
+    )
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from edge.evaluate import write_text_atomically
+    from edge.images import ImageError, read_image
+    from edge.model import Model
+    from edge.overlay import draw_overlay
+
+    model = Model(args.model, threads=1)
+    out = []
+    for path in args.images:
+        image = read_image(path)
+        try:
+            detection = model.detect(image)
+        except ValueError as exc:
+            raise ImageError(f"image {path}: {exc}") from None
+        overlay = args.overlays / f"{path.stem}.png"
+        args.overlays.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(overlay), draw_overlay(image, detection))
+        out.append({"file": str(path), **detection.as_dict(), "overlay": str(overlay)})
+        if not args.json:
+            boxes = " ".join(f"[{b.x},{b.y} {b.w}x{b.h}]" for b in detection.boxes[:5])
+            print(
+                f"{detection.verdict.upper():2s}  score {detection.score:8.2f} / "
+                f"{detection.threshold:.2f}  "
+                f"area {100 * detection.area:5.1f} %  {path}  {boxes}"
+            )
+    if args.json:
+        doc = json.dumps({"model_id": model.id, "images": out}, indent=2)
+        if str(args.json) == "-":
+            print(doc)
+        else:
+            write_text_atomically(args.json, doc + "\n")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from edge.model import Model
+
+    model = Model(args.model)
+    info = {
+        "file": str(args.model),
+        "model_id": model.id,
+        "sha256": model.sha256,
+        "bytes": args.model.stat().st_size,
+        **asdict(model.meta),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:28s} {v}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge-inspect", description="Teach a camera station good parts; flag the bad ones."
+    )
+    p.add_argument("--version", action="version", version=f"edge-inspect {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from DATA/normal (and DATA/anomaly)")
+    t.add_argument(
+        "data", type=Path, help="folder with normal/ (good images) and optional anomaly/"
+    )
+    t.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.onnx)")
+    t.add_argument(
+        "--size",
+        type=int,
+        default=256,
+        help="longer side of the region after resizing, px (default 256)",
+    )
+    t.add_argument(
+        "--roi",
+        type=_roi,
+        help="region of interest x,y,w,h in camera pixels (default: whole image)",
+    )
+    t.add_argument(
+        "--augment",
+        type=int,
+        default=0,
+        help="extra shifted/rotated copies per good image, for hand-placed parts",
+    )
+    t.add_argument(
+        "--false-reject-rate",
+        type=float,
+        default=1.0,
+        metavar="PERCENT",
+        help="without labelled defects: share of good parts to reject at most (default 1 %%)",
+    )
+    t.add_argument(
+        "--threads", type=int, default=0, help="threads for training (default: all cores)"
+    )
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser(
+        "evaluate", help="score TESTDATA/normal and TESTDATA/anomaly, write a report"
+    )
+    e.add_argument("model", type=Path)
+    e.add_argument("data", type=Path, help="folder with normal/ and anomaly/")
+    e.add_argument(
+        "--report",
+        type=Path,
+        default=Path("evaluation"),
+        help="output folder (default ./evaluation)",
+    )
+    e.add_argument(
+        "--json", type=Path, help="also write metrics and per-image results to this JSON file"
+    )
+    e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("detect", help="trial detection: verdict, score, area and regions per image")
+    d.add_argument("model", type=Path)
+    d.add_argument("images", type=Path, nargs="+")
+    d.add_argument(
+        "--overlays",
+        type=Path,
+        default=Path("detections"),
+        help="folder for overlay images (default ./detections)",
+    )
+    d.add_argument(
+        "--json",
+        type=Path,
+        nargs="?",
+        const=Path("-"),
+        help="JSON to FILE, or to stdout without FILE",
+    )
+    d.set_defaults(func=cmd_detect)
+
+    i = sub.add_parser("info", help="print a model file's metadata")
+    i.add_argument("model", type=Path)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from edge.images import ImageError
+    from edge.model import ModelError
+    from edge.train import TrainError
+
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+        return code
+    except (ImageError, ModelError, TrainError) as exc:
+        missing = "does not exist" in str(exc)
+        print(f"edge-inspect: {exc}", file=sys.stderr)
+        return EX_NOINPUT if missing else EX_DATAERR
+    except OSError as exc:
+        print(f"edge-inspect: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EX_CANTCREAT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

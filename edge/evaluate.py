@@ -1,0 +1,152 @@
+"""Scores a labelled test folder with a model file and writes metrics, overlays and a report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.detection import Detection
+from edge.images import ImageError, list_images, read_image
+from edge.metrics import summarize
+from edge.model import Model
+from edge.overlay import draw_overlay
+from edge.report import write_report
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One test image: its label ("ok" from normal/, "ng" from anomaly/) and the model's answer."""
+
+    path: Path
+    label: str
+    detection: Detection
+    ms: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "file": str(self.path),
+            "label": self.label,
+            **self.detection.as_dict(),
+            "ms": round(self.ms, 2),
+        }
+
+
+def _json_safe(value: object) -> object:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write text to path via a temporary file in the same folder, so readers never see half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def score_folder(
+    model: Model, data: Path, progress: Callable[[int, int], None] | None = None
+) -> list[ImageResult]:
+    """Run the model on data/normal and data/anomaly (at least one must hold images)."""
+    groups = [(data / "normal", "ok"), (data / "anomaly", "ng")]
+    todo = [(p, label) for folder, label in groups if folder.is_dir() for p in list_images(folder)]
+    if not todo:
+        raise ImageError(f"folder {data} has neither normal/ nor anomaly/ images to evaluate")
+    results = []
+    for i, (path, label) in enumerate(todo):
+        image = read_image(path)
+        try:
+            model.check_frame(image)
+        except ValueError as exc:
+            raise ImageError(f"image {path}: {exc}") from None
+        t0 = time.perf_counter()
+        detection = model.detect(image)
+        results.append(ImageResult(path, label, detection, (time.perf_counter() - t0) * 1000))
+        if progress:
+            progress(i + 1, len(todo))
+    return results
+
+
+def metrics_of(model: Model, results: list[ImageResult]) -> dict[str, object]:
+    """AUROC, AP, and accuracy/precision/recall/F1 at the model's own threshold."""
+    normal = [r.detection.score for r in results if r.label == "ok"]
+    anomaly = [r.detection.score for r in results if r.label == "ng"]
+    figures = summarize(normal, anomaly, model.threshold)
+    ms = np.array([r.ms for r in results])
+    return {
+        **figures,
+        "normal_images": len(normal),
+        "anomaly_images": len(anomaly),
+        "ms_p50": float(np.percentile(ms, 50)),
+        "ms_p95": float(np.percentile(ms, 95)),
+        "model_id": model.id,
+    }
+
+
+def write_outputs(
+    model: Model, results: list[ImageResult], metrics: dict[str, object], out: Path
+) -> Path:
+    """Write overlays/*.png, scores.csv, results.json and report.html under out; return report."""
+    overlays = out / "overlays"
+    overlays.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r in results:
+        name = f"{r.label}-{r.path.stem}.png"
+        ok, png = cv2.imencode(".png", draw_overlay(read_image(r.path), r.detection))
+        if ok:
+            (overlays / name).write_bytes(png.tobytes())
+        rows.append(
+            {
+                "name": r.path.name,
+                "label": r.label,
+                "verdict": r.detection.verdict,
+                "score": r.detection.score,
+                "overlay": f"overlays/{name}",
+            }
+        )
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["file", "label", "verdict", "score", "threshold", "area", "boxes", "ms"])
+    for r in results:
+        d = r.detection
+        writer.writerow(
+            [
+                r.path,
+                r.label,
+                d.verdict,
+                f"{d.score:.4f}",
+                f"{d.threshold:.4f}",
+                f"{d.area:.4f}",
+                len(d.boxes),
+                f"{r.ms:.2f}",
+            ]
+        )
+    write_text_atomically(out / "scores.csv", buf.getvalue())
+    write_text_atomically(out / "results.json", to_json(metrics, results))
+    report = out / "report.html"
+    write_report(report, f"Evaluation of {model.path.name} ({model.id})", metrics, rows)
+    return report
+
+
+def to_json(metrics: dict[str, object], results: list[ImageResult]) -> str:
+    """Metrics and per-image results as one JSON document (NaN becomes null)."""
+    doc = {k: _json_safe(v) for k, v in metrics.items()}
+    doc["images"] = [r.as_dict() for r in results]
+    return json.dumps(doc, indent=2) + "\n"

@@ -1,0 +1,122 @@
+"""The commands as a user runs them: exit codes, what they print, what they write."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge.cli import EX_DATAERR, EX_NOINPUT
+from edge.images import list_images
+
+
+def run(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edge.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_train_prints_progress_and_a_summary(tmp_path: Path, textures: Path) -> None:
+    out = tmp_path / "m.onnx"
+    r = run("train", textures / "train", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "features: 20/20 images" in r.stderr
+    assert "threshold" in r.stdout and "expected false rejects" in r.stdout
+    assert out.is_file() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_evaluate_writes_metrics_report_and_overlays(
+    tmp_path: Path, parts: Path, parts_model: Path
+) -> None:
+    report, js = tmp_path / "report", tmp_path / "metrics.json"
+    r = run("evaluate", parts_model, parts / "test", "--report", report, "--json", js)
+    assert r.returncode == 0, r.stderr
+    assert "AUROC" in r.stdout and "actually bad" in r.stdout
+    doc = json.loads(js.read_text())
+    for key in ("auroc", "average_precision", "accuracy", "precision", "recall", "f1", "threshold"):
+        assert isinstance(doc[key], float)
+    assert doc["auroc"] >= 0.95 and doc["accuracy"] >= 0.85
+    n = len(list_images(parts / "test" / "normal")) + len(list_images(parts / "test" / "anomaly"))
+    assert len(doc["images"]) == n
+    assert {img["verdict"] for img in doc["images"]} == {"ok", "ng"}
+    assert len(list((report / "overlays").glob("*.png"))) == n
+    with (report / "scores.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == n
+    html = (report / "report.html").read_text()
+    assert "overlays/" in html and "AUROC" in html
+
+
+def test_detect_reports_verdict_area_and_boxes(
+    tmp_path: Path, parts: Path, parts_model: Path
+) -> None:
+    bad = list_images(parts / "test" / "anomaly")[0]
+    good = list_images(parts / "test" / "normal")[0]
+    r = run("detect", parts_model, bad, good, "--json", "--overlays", tmp_path / "ov")
+    assert r.returncode == 0, r.stderr
+    images = json.loads(r.stdout)["images"]
+    assert [i["verdict"] for i in images] == ["ng", "ok"]
+    assert images[0]["area"] > 0 and images[0]["boxes"]
+    assert images[1]["area"] == 0 and images[1]["boxes"] == []
+    assert all(Path(i["overlay"]).is_file() for i in images)
+
+
+def test_info_prints_the_contract(parts_model: Path) -> None:
+    r = run("info", parts_model, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["colour_order"] == "BGR" and info["threshold"] > 0 and len(info["model_id"]) == 12
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"this is not an image", "not.png"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "not.png"),
+    ],
+)
+def test_bad_training_image_names_the_file(
+    tmp_path: Path, textures: Path, content: bytes, message: str
+) -> None:
+    data = tmp_path / "data"
+    (data / "normal").mkdir(parents=True)
+    for p in list_images(textures / "train" / "normal"):
+        (data / "normal" / p.name).write_bytes(p.read_bytes())
+    (data / "normal" / "not.png").write_bytes(content)
+    out = tmp_path / "m.onnx"
+    r = run("train", data, "-o", out)
+    assert r.returncode == EX_DATAERR
+    assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_empty_and_missing_folders_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "normal").mkdir(parents=True)
+    r = run("train", tmp_path / "empty", "-o", tmp_path / "m.onnx")
+    assert r.returncode == EX_DATAERR and "holds no images" in r.stderr
+    r = run("train", tmp_path / "nowhere", "-o", tmp_path / "m.onnx")
+    assert r.returncode == EX_NOINPUT and "does not exist" in r.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_model_that_is_not_ours_is_refused(tmp_path: Path, parts: Path) -> None:
+    fake = tmp_path / "fake.onnx"
+    fake.write_bytes(b"\x08\x07garbage")
+    r = run("detect", fake, list_images(parts / "test" / "normal")[0])
+    assert r.returncode == EX_DATAERR and "fake.onnx" in r.stderr
+    r = run("info", tmp_path / "missing.onnx")
+    assert r.returncode == EX_NOINPUT and "missing.onnx does not exist" in r.stderr
+
+
+def test_bad_roi_is_a_usage_error(tmp_path: Path, textures: Path) -> None:
+    r = run("train", textures / "train", "-o", tmp_path / "m.onnx", "--roi", "1,2,3")
+    assert r.returncode == 2 and "x,y,w,h" in r.stderr
+    r = run("train", textures / "train", "-o", tmp_path / "m.onnx", "--roi", "0,0,5000,10")
+    assert r.returncode == EX_DATAERR and "does not fit" in r.stderr

@@ -1,0 +1,214 @@
+"""Training and the model file: defects score above the threshold, the file keeps its contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from edge import graph
+from edge.assets import backbone_path
+from edge.images import list_images, read_image
+from edge.model import Model, ModelError, read_meta
+from edge.train import TrainError, TrainOptions, coreset, train
+
+
+def scores(model: Model, folder: Path) -> list[float]:
+    return [model.detect(read_image(p)).score for p in list_images(folder)]
+
+
+def test_defects_score_above_threshold_and_good_parts_below(parts: Path, parts_model: Path) -> None:
+    model = Model(parts_model)
+    good = scores(model, parts / "test" / "normal")
+    bad = scores(model, parts / "test" / "anomaly")
+    assert max(good) < min(bad), "good and defective parts must separate"
+    assert sum(s <= model.threshold for s in good) >= len(good) - 1
+    assert sum(s > model.threshold for s in bad) >= len(bad) - 1
+
+
+def test_texture_scratches_are_found_without_labelled_defects(
+    tmp_path: Path, textures: Path
+) -> None:
+    out = tmp_path / "texture.onnx"
+    result = train(textures / "train", out)
+    assert result.meta.train_anomaly_count == 0
+    assert "held-out good images" in result.meta.calibration
+    model = Model(out)
+    good = scores(model, textures / "test" / "normal")
+    bad = scores(model, textures / "test" / "anomaly")
+    assert np.mean(np.array(bad)[:, None] > np.array(good)[None, :]) >= 0.9  # AUROC
+
+
+def test_anomaly_map_points_at_the_defect(parts: Path, parts_model: Path) -> None:
+    model = Model(parts_model)
+    image = read_image(sorted((parts / "test" / "anomaly").glob("stain_*.png"))[0])
+    detection = model.detect(image)
+    assert detection.verdict == "ng"
+    assert detection.boxes and 0 < detection.area < 0.5
+    # The part sits in the middle of the frame; the stain is on it, not on the belt's edge.
+    box = detection.boxes[0]
+    cx, cy = box.x + box.w / 2, box.y + box.h / 2
+    assert 0.15 * image.shape[1] < cx < 0.85 * image.shape[1]
+    assert 0.1 * image.shape[0] < cy < 0.9 * image.shape[0]
+
+
+def test_metadata_round_trips(parts: Path, parts_model: Path) -> None:
+    meta = read_meta(parts_model)
+    assert meta.colour_order == "BGR" and meta.layout == "HWC"
+    h, w = read_image(list_images(parts / "train" / "normal")[0]).shape[:2]
+    assert meta.image_hw == (h, w)
+    assert meta.train_normal_count == len(list_images(parts / "train" / "normal"))
+    assert meta.train_anomaly_count == len(list_images(parts / "train" / "anomaly"))
+    assert meta.threshold > 0 and 0 <= meta.expected_false_reject_rate < 0.5
+    assert len(meta.backbone_sha256) == 64 and len(meta.train_images_sha256) == 64
+    proto = onnx.load(str(parts_model))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [o.name for o in proto.graph.output] == ["score", "anomaly_map"]
+
+
+def _avg3(x: np.ndarray) -> np.ndarray:
+    """3x3 mean over the cells that exist (ONNX AveragePool, count_include_pad=0)."""
+    _, h, w = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+    ones = np.pad(np.ones((h, w)), 1)
+    total = sum(padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3))
+    count = sum(ones[i : i + h, j : j + w] for i in range(3) for j in range(3))
+    return total / count
+
+
+def test_onnx_output_matches_an_independent_numpy_computation(tmp_path: Path, parts: Path) -> None:
+    # Images already at the working size make the in-graph resize an identity, so every step
+    # can be recomputed here: colour order, scaling, padding, pooling, nearest neighbours.
+    data = tmp_path / "data"
+    (data / "normal").mkdir(parents=True)
+    for p in list_images(parts / "train" / "normal")[:12]:
+        image = cv2.resize(read_image(p), (160, 128), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(data / "normal" / p.name), image)
+    out = tmp_path / "m.onnx"
+    train(data, out, TrainOptions(size=160))
+    frame = read_image(list_images(parts / "test" / "anomaly")[0])
+    frame = cv2.resize(frame, (160, 128), interpolation=cv2.INTER_AREA)
+    score, amap = Model(out).run(frame)
+
+    x = (frame[:, :, ::-1].astype(np.float32) - 127) / 128
+    x = np.pad(x, ((graph.PAD, graph.PAD), (graph.PAD, graph.PAD), (0, 0)), mode="reflect")
+    backbone = ort.InferenceSession(str(backbone_path()), providers=["CPUExecutionProvider"])
+    s8, s16 = backbone.run(None, {"input": x.transpose(2, 0, 1)[None].copy()})
+    s8, s16 = _avg3(s8[0]), _avg3(s16[0])
+    h, w = s8.shape[1:]
+    up = np.stack([cv2.resize(c, (w, h), interpolation=cv2.INTER_LINEAR) for c in s16])
+    cut = graph.PAD // graph.STRIDE
+    feats = np.concatenate([s8, up])[:, cut:-cut, cut:-cut]
+    q = feats.reshape(feats.shape[0], -1).T
+
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    bank = next(v for v in inits.values() if v.ndim == 2 and v.shape[0] == q.shape[1]).T
+    d = np.sqrt(((q[:, None, :] - bank[None, :, :]) ** 2).sum(-1).min(1)).reshape(feats.shape[1:])
+    k = cv2.getGaussianKernel(5, graph.SMOOTH_SIGMA)
+    smooth = cv2.sepFilter2D(d.astype(np.float32), -1, k, k, borderType=cv2.BORDER_REFLECT_101)
+    assert amap.shape == smooth.shape
+    np.testing.assert_allclose(amap, smooth, rtol=2e-3, atol=2e-2)
+    assert score == pytest.approx(float(smooth.max()), rel=2e-3)
+
+
+def test_region_of_interest_ignores_what_lies_outside(tmp_path: Path, parts: Path) -> None:
+    normal = list_images(parts / "train" / "normal")
+    h, w = read_image(normal[0]).shape[:2]
+    roi = (w // 4, h // 4, w // 2, h // 2)
+    out = tmp_path / "roi.onnx"
+    train(parts / "train", out, TrainOptions(roi=roi))
+    model = Model(out)
+    assert model.meta.roi_box == roi
+    frame = read_image(list_images(parts / "test" / "normal")[0])
+    clean = model.detect(frame)
+    outside = frame.copy()
+    cv2.circle(outside, (w // 10, h // 10), h // 12, (0, 0, 255), -1)  # outside the ROI
+    assert model.detect(outside).score == pytest.approx(clean.score, rel=1e-5)
+    inside = frame.copy()
+    cv2.circle(inside, (w // 2, h // 2 - h // 8), h // 14, (0, 0, 255), -1)
+    found = model.detect(inside)
+    assert found.verdict == "ng"
+    box = found.boxes[0]
+    assert roi[0] <= box.x and box.x + box.w <= roi[0] + roi[2]
+
+
+def test_region_keeps_its_aspect_ratio() -> None:
+    assert graph.resized_size(100, 1000, 256) == (32, 256)  # a thin strip stays thin
+    assert graph.resized_size(1000, 100, 256) == (256, 32)
+    assert graph.map_size(380, 550, 256) == (22, 32)
+
+
+def test_grayscale_images_train_a_model(tmp_path: Path, textures: Path) -> None:
+    data = tmp_path / "grey" / "normal"
+    data.mkdir(parents=True)
+    for p in list_images(textures / "train" / "normal"):
+        cv2.imwrite(str(data / p.name), cv2.cvtColor(read_image(p), cv2.COLOR_BGR2GRAY))
+    result = train(data.parent, tmp_path / "grey.onnx")
+    assert result.meta.train_normal_count == len(list_images(data))
+
+
+def test_mixed_sizes_make_a_model_that_takes_any_size(tmp_path: Path, textures: Path) -> None:
+    data = tmp_path / "mixed" / "normal"
+    data.mkdir(parents=True)
+    for i, p in enumerate(list_images(textures / "train" / "normal")):
+        image = read_image(p)
+        cv2.imwrite(str(data / p.name), image[: image.shape[0] - 8 * (i % 3)])
+    out = tmp_path / "mixed.onnx"
+    train(data.parent, out)
+    model = Model(out)
+    assert model.meta.image_size == "any"
+    model.detect(np.full((100, 140, 3), 90, np.uint8))
+
+
+def test_region_with_mixed_sizes_is_refused(tmp_path: Path, textures: Path) -> None:
+    data = tmp_path / "mixed" / "normal"
+    data.mkdir(parents=True)
+    for i, p in enumerate(list_images(textures / "train" / "normal")):
+        image = read_image(p)
+        cv2.imwrite(str(data / f"{i:02d}.png"), image[: image.shape[0] - 8 * (i == 5)])
+    with pytest.raises(TrainError, match=r"image .*05\.png is .* a region of interest needs"):
+        train(data.parent, tmp_path / "x.onnx", TrainOptions(roi=(0, 0, 64, 64)))
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_too_few_good_images_is_refused(tmp_path: Path, textures: Path) -> None:
+    data = tmp_path / "few" / "normal"
+    data.mkdir(parents=True)
+    for p in list_images(textures / "train" / "normal")[:4]:
+        (data / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(TrainError, match="holds 4 images; training needs at least 10"):
+        train(data.parent, tmp_path / "x.onnx")
+
+
+def test_frame_of_the_wrong_size_is_refused(parts_model: Path) -> None:
+    model = Model(parts_model)
+    with pytest.raises(ValueError, match="trained on"):
+        model.detect(np.zeros((50, 60, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8 HxWx3"):
+        model.detect(np.zeros((50, 60), np.float32))
+
+
+def test_foreign_and_corrupt_model_files_are_refused(tmp_path: Path, parts_model: Path) -> None:
+    with pytest.raises(ModelError, match="is not an edge-inspect model"):
+        Model(backbone_path())
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(parts_model.read_bytes()[:100_000])
+    with pytest.raises(ModelError, match=r"broken\.onnx"):
+        Model(broken)
+    with pytest.raises(ModelError, match="does not exist"):
+        Model(tmp_path / "missing.onnx")
+
+
+def test_coreset_covers_every_cluster() -> None:
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 50, (6, 16))
+    x = np.concatenate([c + rng.normal(0, 1, (200, 16)) for c in centres]).astype(np.float32)
+    chosen = coreset(x, 12)
+    assert len(set(chosen.tolist())) == 12
+    picked = {int(np.argmin(((centres - x[i]) ** 2).sum(1))) for i in chosen}
+    assert picked == set(range(6))
