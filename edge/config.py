@@ -1,0 +1,264 @@
+"""The station's configuration: one TOML file, validated by pydantic; load_config(path)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StationConfig(_Section):
+    name: str = Field("station", min_length=1, description="Name shown in logs, stats and the page")
+    budget_ms: float = Field(
+        200.0,
+        gt=0,
+        description="Latency budget from capture to decision; verdicts over it are flagged",
+    )
+    state_dir: Path = Field(
+        Path("/var/lib/edge-inspect"),
+        description="Journal, saved images and models live here (systemd's StateDirectory)",
+    )
+
+
+class ModelConfig(_Section):
+    path: Path = Field(description="The model file (.onnx) made by `edge-inspect train`")
+    threads: int = Field(1, ge=1, le=64, description="onnxruntime intra-op threads")
+    providers: list[
+        Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]
+    ] = Field(
+        default=["CPUExecutionProvider"],
+        min_length=1,
+        description="Execution providers in order of preference; CUDA/TensorRT on a Jetson",
+    )
+
+
+class FolderSource(_Section):
+    kind: Literal["folder"]
+    path: Path = Field(description="A folder of images (replayed in name order) or a video file")
+    fps: float = Field(10.0, gt=0, le=1000, description="Replay rate, frames per second")
+    loop: bool = Field(True, description="Start again at the end; otherwise the source ends")
+
+
+class OpenCVSource(_Section):
+    kind: Literal["opencv"]
+    device: int | str = Field(
+        0, description="USB/V4L2 index, an RTSP/HTTP URL, or a GStreamer pipeline ending in appsink"
+    )
+    backend: Literal["any", "v4l2", "gstreamer", "ffmpeg"] = Field(
+        "any", description="OpenCV capture backend"
+    )
+    width: int | None = Field(None, gt=0, description="Requested frame width, px")
+    height: int | None = Field(None, gt=0, description="Requested frame height, px")
+    fps: float | None = Field(None, gt=0, description="Requested camera frame rate")
+
+
+class Picamera2Source(_Section):
+    kind: Literal["picamera2"]
+    camera_num: int = Field(0, ge=0, description="Which camera on the Pi")
+    width: int = Field(1280, gt=0, description="Frame width, px")
+    height: int = Field(960, gt=0, description="Frame height, px")
+    exposure_us: int | None = Field(
+        None, gt=0, description="Fixed exposure time; None leaves auto exposure on"
+    )
+    analogue_gain: float | None = Field(None, ge=1.0, description="Fixed analogue gain")
+    colour_gains: tuple[float, float] | None = Field(
+        None, description="Fixed white balance (red, blue gains); None leaves auto white balance on"
+    )
+    lens_position: float | None = Field(
+        None,
+        ge=0.0,
+        description="Fixed focus in dioptres (Camera Module 3); None: the lens default",
+    )
+
+
+SourceConfig = Annotated[FolderSource | OpenCVSource | Picamera2Source, Field(discriminator="kind")]
+
+
+class TriggerConfig(_Section):
+    mode: Literal["free", "triggered"] = Field(
+        "free", description="free: inspect frames continuously; triggered: one per trigger message"
+    )
+    rate_hz: float = Field(
+        0.0, ge=0, description="In free mode, inspect at most this often; 0 inspects every frame"
+    )
+
+
+class TLSConfig(_Section):
+    enabled: bool = Field(False, description="Connect with TLS")
+    ca_file: Path | None = Field(
+        None, description="CA certificate(s) to verify the broker; None: system CAs"
+    )
+    cert_file: Path | None = Field(
+        None, description="Client certificate, for brokers that ask for one"
+    )
+    key_file: Path | None = Field(None, description="Client key for cert_file")
+    insecure: bool = Field(
+        False, description="Accept a broker certificate that cannot be verified (testing only)"
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class MqttConfig(_Section):
+    enabled: bool = Field(True, description="Publish to a broker; off keeps only the local journal")
+    host: str = Field("localhost", min_length=1, description="Broker host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual with TLS)")
+    prefix: str = Field(
+        "edge-inspect/station", description="Topic prefix, e.g. factory/line1/station3"
+    )
+    client_id: str = Field("", description="MQTT client id; empty: edge-inspect-<station name>")
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5", description="MQTT version; 5 gives verdicts a message expiry"
+    )
+    username: str | None = Field(None, description="Broker user name")
+    password_file: Path | None = Field(
+        None, description="File holding the password (never put the password in this file)"
+    )
+    password_credential: str | None = Field(
+        None,
+        description="systemd credential name holding the password ($CREDENTIALS_DIRECTORY/<name>)",
+    )
+    tls: TLSConfig = Field(default_factory=TLSConfig)  # type: ignore[arg-type]
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive")
+    verdict_expiry_s: int = Field(
+        30, ge=1, description="Verdicts not delivered within this time are dropped by the broker"
+    )
+    stats_interval_s: float = Field(60.0, gt=0, description="How often to publish stats")
+    reconnect_min_s: float = Field(1.0, gt=0, description="First reconnect delay")
+    reconnect_max_s: float = Field(30.0, gt=0, description="Longest reconnect delay (back-off cap)")
+    max_queued: int = Field(
+        1000, ge=10, description="Messages paho may hold while the broker is away (bounds memory)"
+    )
+    command_token: str | None = Field(
+        None, description="If set, commands must carry this token (prefer command_token_file)"
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> MqttConfig:
+        if self.password_file and self.password_credential:
+            raise ValueError("give password_file or password_credential, not both")
+        if (self.password_file or self.password_credential) and not self.username:
+            raise ValueError("a password needs a username")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must not be less than reconnect_min_s")
+        for part in self.prefix.split("/"):
+            if part in ("+", "#") or "+" in part or "#" in part:
+                raise ValueError(f"prefix {self.prefix!r} must not hold wildcards")
+        return self
+
+    def password(self) -> str | None:
+        """Read the password from its file or systemd credential; None when there is none."""
+        if self.password_file:
+            path = self.password_file
+        elif self.password_credential:
+            creds = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not creds:
+                raise ConfigError(
+                    [
+                        f"mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set "
+                        f"(add LoadCredential={self.password_credential}:... to the unit)"
+                    ]
+                )
+            path = Path(creds) / self.password_credential
+        else:
+            return None
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError([f"mqtt password file {path}: {exc.strerror}"]) from None
+
+
+class StorageConfig(_Section):
+    quota_mb: float = Field(500.0, gt=0, description="Disk quota for saved frames; oldest go first")
+    save_ng: bool = Field(True, description="Save every NG frame and its heatmap overlay")
+    save_ok_every: int = Field(
+        100,
+        ge=0,
+        description="Save one OK frame in this many (0: none), to keep a sample of good parts",
+    )
+    jpeg_quality: int = Field(90, ge=50, le=100, description="JPEG quality of saved frames")
+
+
+class Config(_Section):
+    station: StationConfig = Field(default_factory=StationConfig)  # type: ignore[arg-type]
+    model: ModelConfig
+    source: SourceConfig
+    trigger: TriggerConfig = Field(default_factory=TriggerConfig)  # type: ignore[arg-type]
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)  # type: ignore[arg-type]
+    storage: StorageConfig = Field(default_factory=StorageConfig)  # type: ignore[arg-type]
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"edge-inspect-{self.station.name}"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used: one line per problem, each with its key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors():
+        # Drop the union member tag pydantic adds for discriminated unions (source.folder.fps).
+        loc = [
+            str(p)
+            for p in err["loc"]
+            if not (err["loc"][:1] == ("source",) and p in ("folder", "opencv", "picamera2"))
+        ]
+        key = ".".join(loc) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt?)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        out.append(f"{key}: {msg}")
+    return out
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse TOML text into a Config, or raise ConfigError listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: not valid TOML ({exc})"]) from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([f"{source}: {p}" for p in _problems(exc)]) from None
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file.
+
+    >>> load_config(Path("deploy/config.example.toml")).station.budget_ms  # doctest: +SKIP
+    200.0
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"config file {path} does not exist"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"config file {path} cannot be read ({exc})"]) from None
+    return parse_config(text, str(path))
