@@ -9,14 +9,19 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 
 from edge import __version__
 
+if TYPE_CHECKING:
+    from edge.config import Config
+
 # sysexits.h: the exit codes scripts and systemd can tell apart.
 EX_DATAERR = 65  # bad input data: images, model files
 EX_NOINPUT = 66  # an input file or folder does not exist
+EX_UNAVAILABLE = 69  # the camera cannot be opened
 EX_CANTCREAT = 73  # an output cannot be written
 EX_CONFIG = 78
 
@@ -184,6 +189,65 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(path: Path) -> Config:
+    from edge.config import load_config
+
+    return load_config(path)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    print(
+        f"{args.config}: valid (station {cfg.station.name}, source {cfg.source.kind}, "
+        f"model {cfg.model.path}, broker {cfg.mqtt.host}:{cfg.mqtt.port})"
+    )
+    if not cfg.model.path.is_file():
+        print(f"note: model file {cfg.model.path} does not exist yet")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge.station import Station
+
+    cfg = _config(args.config)
+    if args.validate:
+        return cmd_check_config(args)
+    return Station(cfg).run()
+
+
+def cmd_records(args: argparse.Namespace) -> int:
+    from edge.journal import Journal
+
+    cfg = _config(args.config)
+    path = cfg.station.state_dir / "journal.sqlite"
+    if not path.is_file():
+        raise FileNotFoundError(f"journal {path} does not exist (has the station run?)")
+    journal = Journal(path)
+    try:
+        if args.csv:
+            if str(args.csv) == "-":
+                n = journal.export_csv(sys.stdout, ng_only=args.ng)
+            else:
+                with args.csv.open("w", newline="", encoding="utf-8") as f:
+                    n = journal.export_csv(f, ng_only=args.ng)
+                print(f"wrote {n} records to {args.csv}", file=sys.stderr)
+            return 0
+        counts = journal.counts()
+        print(
+            f"{counts['total']} inspections, {counts['ng']} NG, {counts['unpublished']} not yet "
+            f"delivered to the broker"
+        )
+        for r in journal.recent(limit=args.limit, ng_only=args.ng):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.wall))
+            print(
+                f"{r.seq:8d}  {when}  {r.verdict.upper():2s}  {r.score:8.2f}  "
+                f"{r.part_id or '-':16s}  {r.frame_path or ''}"
+            )
+    finally:
+        journal.close()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edge-inspect", description="Teach a camera station good parts; flag the bad ones."
@@ -264,12 +328,30 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("model", type=Path)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+    r = sub.add_parser("run", help="run the inspection station")
+    r.add_argument("--config", type=Path, default=Path("/etc/edge-inspect/config.toml"))
+    r.add_argument("--validate", action="store_true", help="check the config and exit")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("check-config", help="validate a config file; exit 78 when it is invalid")
+    c.add_argument("config", type=Path)
+    c.set_defaults(func=cmd_check_config)
+
+    rec = sub.add_parser("records", help="list or export the station's inspection journal")
+    rec.add_argument("--config", type=Path, default=Path("/etc/edge-inspect/config.toml"))
+    rec.add_argument("--ng", action="store_true", help="NG verdicts only")
+    rec.add_argument("--limit", type=int, default=20, help="how many to list (default 20)")
+    rec.add_argument("--csv", type=Path, help="export all records to this CSV file (- for stdout)")
+    rec.set_defaults(func=cmd_records)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from edge.config import ConfigError
     from edge.images import ImageError
+    from edge.journal import JournalError
     from edge.model import ModelError
+    from edge.sources import SourceError
     from edge.train import TrainError
 
     args = parser().parse_args(argv)
@@ -280,10 +362,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"edge-inspect: {problem}", file=sys.stderr)
+        return EX_CONFIG
     except (ImageError, ModelError, TrainError) as exc:
         missing = "does not exist" in str(exc)
         print(f"edge-inspect: {exc}", file=sys.stderr)
         return EX_NOINPUT if missing else EX_DATAERR
+    except SourceError as exc:
+        print(f"edge-inspect: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except JournalError as exc:
+        print(f"edge-inspect: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
+    except FileNotFoundError as exc:
+        print(f"edge-inspect: {exc}", file=sys.stderr)
+        return EX_NOINPUT
     except OSError as exc:
         print(f"edge-inspect: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EX_CANTCREAT

@@ -10,10 +10,19 @@ indirectly with "texture"); `make_dataset` draws any other variant.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import make_demo_data  # from scripts/, put on sys.path by pytest's `pythonpath` setting
+import paho.mqtt.client as mqtt
 import pytest
 
 TEST_COUNTS: dict[str, int] = {
@@ -80,3 +89,130 @@ def dataset(request: pytest.FixtureRequest, make_dataset: MakeDataset) -> Path:
     @pytest.mark.parametrize("dataset", ["part", "texture"], indirect=True)
     """
     return make_dataset(getattr(request, "param", "part"))
+
+
+# --- a real Mosquitto broker and a subscriber, for the station's tests ---
+
+
+class Broker:
+    """A Mosquitto process on a free loopback port; stop() and start() keep the port."""
+
+    def __init__(self, workdir: Path, extra_conf: str = "") -> None:
+        self.host = "127.0.0.1"
+        self.port = _free_port()
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+        self.conf.write_text(
+            f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
+            f"log_dest file {self.log}\nlog_type all\n{extra_conf}"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([exe, "-c", str(self.conf)])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not start; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A real Mosquitto broker of this test's own, on a free port."""
+    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
+        pytest.fail("mosquitto is not installed (apt-get install mosquitto; .ci/run does it)")
+    b = Broker(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+@dataclass
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+    received: float  # time.time()
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class Subscriber:
+    """A paho client that records everything under a topic filter, as a line controller would."""
+
+    def __init__(self, broker: Broker, topic: str) -> None:
+        self.messages: list[Message] = []
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.reconnect_delay_set(1, 1)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append(
+                Message(msg.topic, bytes(msg.payload), bool(msg.retain), time.time())
+            )
+            self._cond.notify_all()
+
+    def on(self, suffix: str) -> list[Message]:
+        with self._cond:
+            return [m for m in self.messages if m.topic.endswith("/" + suffix)]
+
+    def wait_for(
+        self, suffix: str, pred: Callable[[Message], bool] = lambda m: True, timeout: float = 15
+    ) -> Message:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for m in self.messages:
+                    if m.topic.endswith("/" + suffix) and pred(m):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = sorted({m.topic for m in self.messages})
+                    raise AssertionError(
+                        f"no matching message on */{suffix} in {timeout} s; seen {seen}"
+                    )
+                self._cond.wait(left)
+
+    def publish(self, topic: str, payload: bytes | str) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def subscribe(broker: Broker) -> Iterator[Callable[[str], Subscriber]]:
+    subs: list[Subscriber] = []
+
+    def make(topic: str) -> Subscriber:
+        s = Subscriber(broker, topic)
+        subs.append(s)
+        return s
+
+    yield make
+    for s in subs:
+        s.close()

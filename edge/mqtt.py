@@ -1,0 +1,204 @@
+"""The station's MQTT link: status with last will, verdicts, backlog, stats, errors, commands.
+
+Topics under the configured prefix P (README, "MQTT topics"):
+
+    P/status      retained  online | degraded | paused | offline (the last will says offline)
+    P/state       retained  JSON: status, reason, model_id, source, since
+    P/verdict     QoS 1     JSON verdict, with an MQTT 5 message expiry
+    P/backlog     QoS 1     JSON verdicts that could not be delivered live, oldest first, once
+    P/stats       QoS 0     JSON counters and latency percentiles, every stats_interval_s
+    P/error       QoS 1     JSON: a command that was refused and why
+    P/cmd/<name>  (in)      trigger, pause, resume, reload
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge.config import MqttConfig
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("trigger", "pause", "resume", "reload")
+
+OnCommand = Callable[[str, bytes], None]
+OnDelivered = Callable[[int], None]
+
+
+def _dumps(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+class Link:
+    """One MQTT connection, kept up by paho's network thread with reconnect back-off.
+
+    Verdicts are only handed to paho while connected; what cannot go out live stays
+    unpublished in the journal and goes out later on P/backlog. `on_delivered(seq)` is
+    called (from paho's thread) when the broker acknowledged the message carrying that record.
+    """
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        client_id: str,
+        on_command: OnCommand,
+        on_delivered: OnDelivered,
+    ) -> None:
+        self.cfg = cfg
+        self.prefix = cfg.prefix.rstrip("/")
+        self._on_command = on_command
+        self._on_delivered = on_delivered
+        self._lock = threading.Lock()
+        self._inflight: dict[int, int] = {}  # paho message id -> journal seq
+        self._status = b"online"
+        self._state: dict[str, Any] = {}
+        self.connected = threading.Event()
+        self.connects = 0
+        self.last_error: str | None = None
+        v5 = cfg.protocol == "5"
+        self._v5 = v5
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        )
+        c = self.client
+        c.enable_logger(logging.getLogger("paho"))
+        c.max_queued_messages_set(cfg.max_queued)
+        c.reconnect_delay_set(round(cfg.reconnect_min_s) or 1, round(cfg.reconnect_max_s) or 1)
+        c.will_set(self.topic("status"), b"offline", qos=1, retain=True)
+        if cfg.username:
+            c.username_pw_set(cfg.username, cfg.password())
+        if cfg.tls.enabled:
+            c.tls_set(
+                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+                cert_reqs=ssl.CERT_NONE if cfg.tls.insecure else ssl.CERT_REQUIRED,
+            )
+            c.tls_insecure_set(cfg.tls.insecure)
+        c.on_connect = self._connected
+        c.on_disconnect = self._disconnected
+        c.on_publish = self._published
+        c.on_message = self._message
+        c.on_connect_fail = self._connect_failed
+
+    def topic(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    # --- lifecycle ---
+
+    def start(self) -> None:
+        """Connect in the background; paho's thread reconnects with back-off from here on."""
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        self.client.loop_start()
+
+    def stop(self, timeout_s: float = 3.0) -> None:
+        """Publish offline, wait for it to be delivered (bounded), disconnect."""
+        if self.connected.is_set():
+            info = self.client.publish(self.topic("status"), b"offline", qos=1, retain=True)
+            self._publish_state("offline", "stopped")
+            try:
+                info.wait_for_publish(timeout_s)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("offline status not confirmed: %s", exc)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # --- paho callbacks (paho's thread) ---
+
+    def _connected(self, client: mqtt.Client, _u: object, _f: object, rc: Any, _p: object) -> None:
+        if rc.is_failure:
+            self.last_error = f"broker {self.cfg.host}:{self.cfg.port} refused the connection: {rc}"
+            log.error("%s", self.last_error)
+            return
+        self.connects += 1
+        self.last_error = None
+        log.info("connected to %s:%s", self.cfg.host, self.cfg.port)
+        client.subscribe(self.topic("cmd/+"), qos=1)
+        # Retained state is published again on every connect, so it is right after a broker restart.
+        client.publish(self.topic("status"), self._status, qos=1, retain=True)
+        client.publish(self.topic("state"), _dumps(self._state), qos=1, retain=True)
+        self.connected.set()
+
+    def _disconnected(self, _c: mqtt.Client, _u: object, _f: object, rc: Any, _p: object) -> None:
+        if self.connected.is_set():
+            log.warning(
+                "lost the broker %s:%s (%s); reconnecting", self.cfg.host, self.cfg.port, rc
+            )
+        self.connected.clear()
+
+    def _connect_failed(self, _c: mqtt.Client, _u: object) -> None:
+        self.last_error = f"cannot reach broker {self.cfg.host}:{self.cfg.port}"
+
+    def _published(self, _c: mqtt.Client, _u: object, mid: int, rc: Any, _p: object) -> None:
+        with self._lock:
+            seq = self._inflight.pop(mid, None)
+        if seq is not None and not rc.is_failure:
+            self._on_delivered(seq)
+
+    def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        name = msg.topic[len(self.prefix) + len("/cmd/") :]
+        self._on_command(name, bytes(msg.payload))
+
+    # --- publishing (the station's thread) ---
+
+    def _send(self, topic: str, doc: dict[str, Any], seq: int, expiry_s: int | None) -> bool:
+        props = None
+        if self._v5 and expiry_s:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.MessageExpiryInterval = expiry_s
+        with self._lock:
+            info = self.client.publish(self.topic(topic), _dumps(doc), qos=1, properties=props)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                return False
+            self._inflight[info.mid] = seq
+        return True
+
+    def inflight_seqs(self) -> set[int]:
+        with self._lock:
+            return set(self._inflight.values())
+
+    def publish_verdict(self, doc: dict[str, Any], seq: int) -> bool:
+        """Publish a live verdict if connected; False means it stays in the journal's backlog."""
+        if not self.connected.is_set():
+            return False
+        return self._send("verdict", doc, seq, self.cfg.verdict_expiry_s)
+
+    def publish_backlog(self, doc: dict[str, Any], seq: int) -> bool:
+        if not self.connected.is_set():
+            return False
+        return self._send("backlog", doc, seq, None)
+
+    def set_status(self, status: str, reason: str, **details: Any) -> None:
+        """Change the retained status and state; sent now if connected, else on reconnect."""
+        self._status = status.encode()
+        self._publish_state(status, reason, **details)
+        if self.connected.is_set():
+            self.client.publish(self.topic("status"), self._status, qos=1, retain=True)
+
+    def _publish_state(self, status: str, reason: str, **details: Any) -> None:
+        self._state = {"status": status, "reason": reason, "time": time.time(), **details}
+        if self.connected.is_set():
+            self.client.publish(self.topic("state"), _dumps(self._state), qos=1, retain=True)
+
+    def publish_stats(self, doc: dict[str, Any]) -> None:
+        if self.connected.is_set():
+            self.client.publish(self.topic("stats"), _dumps(doc), qos=0)
+
+    def publish_error(self, command: str, error: str) -> None:
+        log.warning("command %s refused: %s", command, error)
+        if self.connected.is_set():
+            doc = {"command": command, "error": error, "time": time.time()}
+            self.client.publish(self.topic("error"), _dumps(doc), qos=1)

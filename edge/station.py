@@ -1,0 +1,353 @@
+"""The inspection loop: newest frame -> model -> decision -> journal -> MQTT, within a budget."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge.config import Config
+from edge.journal import Journal, JournalError, Record
+from edge.model import Model, ModelError
+from edge.mqtt import COMMANDS, Link
+from edge.overlay import draw_overlay
+from edge.sources import Frame, FrameSource, SourceEnded, SourceError, open_source
+from edge.storage import FrameStore
+from edge.systemd import Notifier
+
+log = logging.getLogger(__name__)
+
+MAX_COMMAND_BYTES = 4096
+LATENCY_WINDOW = 1000  # verdicts the stats percentiles are taken over
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    token: str | None = Field(None, max_length=256)
+
+
+class TriggerCommand(_Command):
+    part_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$")
+
+
+def parse_command(name: str, payload: bytes, token: str | None) -> _Command:
+    """Validate a command payload; raise ValueError with one sentence saying what is wrong."""
+    if name not in COMMANDS:
+        raise ValueError(f"unknown command {name[:64]!r}; commands are {', '.join(COMMANDS)}")
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise ValueError(
+            f"payload of {len(payload)} bytes is over the {MAX_COMMAND_BYTES}-byte limit"
+        )
+    try:
+        doc = json.loads(payload.decode("utf-8")) if payload.strip() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("payload is not UTF-8 JSON") from None
+    if not isinstance(doc, dict):
+        raise ValueError('payload must be a JSON object, e.g. {"part_id": "A123"}')
+    kind = TriggerCommand if name == "trigger" else _Command
+    try:
+        cmd = kind.model_validate(doc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "payload"
+        raise ValueError(f"{where}: {err['msg']}") from None
+    if token is not None and not hmac.compare_digest((cmd.token or "").encode(), token.encode()):
+        raise ValueError("missing or wrong token")
+    return cmd
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.monotonic)
+    frames: int = 0
+    verdicts: int = 0
+    ng: int = 0
+    overruns: int = 0
+    source_errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def add(self, latency_ms: float, ng: bool, over: bool) -> None:
+        self.verdicts += 1
+        self.ng += ng
+        self.overruns += over
+        self.latencies_ms.append(latency_ms)
+        del self.latencies_ms[:-LATENCY_WINDOW]
+
+    def as_dict(self) -> dict[str, Any]:
+        lat = np.array(self.latencies_ms or [0.0])
+        return {
+            "frames": self.frames,
+            "verdicts": self.verdicts,
+            "ng": self.ng,
+            "overruns": self.overruns,
+            "source_errors": self.source_errors,
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 2),
+            "latency_ms_p95": round(float(np.percentile(lat, 95)), 2),
+            "latency_ms_max": round(float(lat.max()), 2),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+        }
+
+
+class Station:
+    """One inspection station: runs until stop() or SIGTERM.
+
+    >>> Station(load_config(Path("/etc/edge-inspect/config.toml"))).run()  # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: Config, source: FrameSource | None = None) -> None:
+        self.cfg = cfg
+        state = cfg.station.state_dir
+        self.journal = Journal(state / "journal.sqlite")
+        self.store = FrameStore(
+            state / "frames", int(cfg.storage.quota_mb * 1e6), cfg.storage.jpeg_quality
+        )
+        self.model = Model(
+            cfg.model.path, threads=cfg.model.threads, providers=list(cfg.model.providers)
+        )
+        self.source = source or open_source(cfg.source)
+        self.notifier = Notifier()
+        self.stats = Stats()
+        self.commands: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100)
+        self.paused = False
+        self.status = "online"
+        self.reason = ""
+        self._stop = threading.Event()
+        self._last_frame: Frame | None = None
+        self._ok_count = 0
+        self.link: Link | None = None
+        if cfg.mqtt.enabled:
+            self.link = Link(
+                cfg.mqtt, cfg.client_id, self._command_arrived, self.journal.mark_published
+            )
+
+    # --- called from other threads ---
+
+    def _command_arrived(self, name: str, payload: bytes) -> None:
+        try:
+            self.commands.put_nowait((name, payload))
+        except queue.Full:
+            if self.link:
+                self.link.publish_error(name, "too many commands waiting; this one was dropped")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- the loop ---
+
+    def run(self) -> int:
+        """Inspect until stopped; returns the process exit code (0 after a clean stop)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        self.source.open()
+        if self.link:
+            self.link.start()
+        self._set_status("online", "")
+        self.notifier.ready(f"inspecting with model {self.model.id}")
+        log.info(
+            "station %s ready: model %s, source %s",
+            self.cfg.station.name,
+            self.model.id,
+            self.source.name,
+        )
+        next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
+        period = 1.0 / self.cfg.trigger.rate_hz if self.cfg.trigger.rate_hz else 0.0
+        next_frame = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                self.notifier.ping()
+                trigger = self._handle_commands()
+                if time.monotonic() >= next_stats:
+                    next_stats += self.cfg.mqtt.stats_interval_s
+                    self._publish_stats()
+                self._flush_backlog()
+                if self.paused:
+                    continue
+                if self.cfg.trigger.mode == "triggered":
+                    if trigger is None:
+                        continue
+                    self._inspect(fresh=True, part_id=trigger.part_id)
+                else:
+                    if period:
+                        wait = next_frame - time.monotonic()
+                        if wait > 0:
+                            self._stop.wait(min(wait, 0.5))
+                            continue
+                        next_frame = max(next_frame + period, time.monotonic())
+                    self._inspect(fresh=False, part_id=None)
+        except SourceEnded:
+            log.info("source %s ended", self.source.name)
+        finally:
+            self.notifier.stopping()
+            self.source.close()
+            self._publish_stats()
+            if self.link:
+                self.link.stop()
+            self.journal.close()
+        return 0
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: finishing the frame in hand", signum)
+        self._stop.set()
+
+    def _handle_commands(self) -> TriggerCommand | None:
+        """Apply waiting commands; return a trigger if one came. Waits briefly when idle."""
+        idle = self.paused or self.cfg.trigger.mode == "triggered"
+        try:
+            name, payload = self.commands.get(timeout=0.2) if idle else self.commands.get_nowait()
+        except queue.Empty:
+            return None
+        try:
+            cmd = parse_command(name, payload, self.cfg.mqtt.command_token)
+        except ValueError as exc:
+            if self.link:
+                self.link.publish_error(name[:64], str(exc))
+            return None
+        if name == "pause":
+            self.paused = True
+            self._set_status("paused", "paused by command")
+        elif name == "resume":
+            self.paused = False
+            self._set_status("online", "")
+        elif name == "reload":
+            self.reload()
+        elif name == "trigger":
+            if self.cfg.trigger.mode != "triggered":
+                self._refuse(
+                    "trigger", 'the station is in free-run mode; set trigger.mode = "triggered"'
+                )
+            elif self.paused:
+                self._refuse("trigger", "the station is paused")
+            else:
+                assert isinstance(cmd, TriggerCommand)
+                return cmd
+        return None
+
+    def _refuse(self, command: str, why: str) -> None:
+        if self.link:
+            self.link.publish_error(command, why)
+
+    def reload(self) -> bool:
+        """Load the model file again; swap only if it loads and runs on the last frame."""
+        path = self.cfg.model.path
+        try:
+            model = Model(
+                path, threads=self.cfg.model.threads, providers=list(self.cfg.model.providers)
+            )
+            if self._last_frame is not None:
+                model.run(self._last_frame.image)
+        except (ModelError, ValueError) as exc:
+            self._refuse("reload", f"model {path} not loaded, still running {self.model.id}: {exc}")
+            return False
+        old, self.model = self.model.id, model
+        log.info("model %s replaced by %s", old, model.id)
+        self._set_status(self.status, self.reason)
+        return True
+
+    def _set_status(self, status: str, reason: str) -> None:
+        if (status, reason) != (self.status, self.reason):
+            log.info("status %s%s", status, f": {reason}" if reason else "")
+        self.status, self.reason = status, reason
+        if self.link:
+            self.link.set_status(status, reason, model_id=self.model.id, source=self.source.name)
+        self.notifier.status(f"{status}{': ' + reason if reason else ''}")
+
+    def _publish_stats(self) -> None:
+        doc = {
+            **self.stats.as_dict(),
+            "dropped": self.source.dropped,
+            "model_id": self.model.id,
+            "status": self.status,
+            "backlog": self.journal.counts()["unpublished"],
+        }
+        if self.link:
+            self.link.publish_stats(doc)
+
+    def _flush_backlog(self, batch: int = 50) -> None:
+        link = self.link
+        if link is None or not link.connected.is_set():
+            return
+        inflight = link.inflight_seqs()
+        for rec in self.journal.unpublished(limit=batch + len(inflight)):
+            if rec.seq not in inflight and not link.publish_backlog(rec.payload(), rec.seq):
+                break
+
+    def _inspect(self, fresh: bool, part_id: str | None) -> None:
+        try:
+            frame = self.source.read(fresh=fresh)
+        except SourceEnded:
+            raise
+        except SourceError as exc:
+            self.stats.source_errors += 1
+            self._set_status("degraded", str(exc))
+            return
+        if self.status == "degraded":
+            self._set_status("online", "")
+        self.stats.frames += 1
+        self._last_frame = frame
+        t0 = time.monotonic()
+        detection = self.model.detect(frame.image)
+        decided = time.monotonic()
+        latency_ms = (decided - frame.captured) * 1000
+        over = latency_ms > self.cfg.station.budget_ms
+        if over:
+            log.warning(
+                "verdict for frame %d took %.1f ms, over the %.0f ms budget",
+                frame.seq,
+                latency_ms,
+                self.cfg.station.budget_ms,
+            )
+        fields: dict[str, Any] = dict(
+            wall=frame.wall,
+            part_id=part_id,
+            verdict=detection.verdict,
+            score=detection.score,
+            threshold=detection.threshold,
+            area=detection.area,
+            boxes=[b.as_dict() for b in detection.boxes],
+            capture_to_decision_ms=latency_ms,
+            inference_ms=(decided - t0) * 1000,
+            over_budget=over,
+            model_id=self.model.id,
+            frame_seq=frame.seq,
+            frame_path=None,
+            overlay_path=None,
+        )
+        record: Record | None = None
+        try:
+            record = self.journal.append(**fields)
+        except JournalError as exc:
+            self._set_status("degraded", str(exc))
+        self.stats.add(latency_ms, detection.is_anomalous, over)
+        if self.link:
+            if record is not None:
+                self.link.publish_verdict(record.payload(), record.seq)
+            else:  # no journal: still tell the line
+                self.link.publish_verdict({**fields, "seq": None}, -1)
+        self._save(frame, detection, record)
+
+    def _save(self, frame: Frame, detection: Any, record: Record | None) -> None:
+        keep = False
+        if detection.is_anomalous:
+            keep = self.cfg.storage.save_ng
+        elif self.cfg.storage.save_ok_every:
+            self._ok_count += 1
+            keep = self._ok_count % self.cfg.storage.save_ok_every == 1
+        if not keep or record is None:
+            return
+        name = f"{record.seq:08d}-{detection.verdict}"
+        paths = self.store.save(name, frame.image, draw_overlay(frame.image, detection))
+        for gone in self.store.evicted():
+            self.journal.forget_path(gone)
+        if paths[0] is not None:
+            self.journal.set_paths(record.seq, *paths)

@@ -1,0 +1,417 @@
+"""The station end to end: folder source -> model -> journal -> a real Mosquitto broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Broker, Subscriber
+
+from edge.config import load_config
+from edge.journal import Journal
+from edge.station import Station
+
+VERDICT_FIELDS = {
+    "seq",
+    "time",
+    "wall",
+    "part_id",
+    "verdict",
+    "score",
+    "threshold",
+    "area",
+    "boxes",
+    "capture_to_decision_ms",
+    "inference_ms",
+    "over_budget",
+    "model_id",
+    "frame_seq",
+}
+
+
+def write_config(
+    tmp: Path, model: Path, replay: Path, broker: Broker, prefix: str, **sections: dict[str, object]
+) -> Path:
+    """A config file for a station replaying `replay` and publishing under `prefix`."""
+    base: dict[str, dict[str, object]] = {
+        "station": {"name": "test", "budget_ms": 500, "state_dir": str(tmp / "state")},
+        "model": {"path": str(model)},
+        "source": {"kind": "folder", "path": str(replay), "fps": 20},
+        "trigger": {"mode": "free"},
+        "mqtt": {
+            "host": broker.host,
+            "port": broker.port,
+            "prefix": prefix,
+            "stats_interval_s": 0.5,
+            "reconnect_min_s": 1,
+            "reconnect_max_s": 2,
+        },
+        "storage": {"quota_mb": 5, "save_ok_every": 5},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path = tmp / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def replay(tmp_path: Path, parts: Path) -> Path:
+    """Good and defective parts in one folder, as a camera would see them pass."""
+    folder = tmp_path / "replay"
+    folder.mkdir()
+    goods = sorted((parts / "test" / "normal").iterdir())
+    bads = sorted((parts / "test" / "anomaly").iterdir())
+    for i, (g, b) in enumerate(zip(goods, bads, strict=False)):
+        shutil.copy(g, folder / f"{i:03d}a-{g.name}")
+        shutil.copy(b, folder / f"{i:03d}b-{b.name}")
+    return folder
+
+
+@pytest.fixture
+def model_file(tmp_path: Path, parts_model: Path) -> Path:
+    """A copy of the trained model that a test may replace (reload tests)."""
+    path = tmp_path / "models" / "current.onnx"
+    path.parent.mkdir()
+    shutil.copy(parts_model, path)
+    return path
+
+
+@pytest.fixture
+def run_station() -> Iterator[Callable[[Path], Station]]:
+    """Start a Station in a thread; it is stopped (cleanly) at the end of the test."""
+    started: list[tuple[Station, threading.Thread]] = []
+
+    def start(config: Path) -> Station:
+        station = Station(load_config(config))
+        thread = threading.Thread(target=station.run, daemon=True)
+        thread.start()
+        started.append((station, thread))
+        return station
+
+    yield start
+    for station, thread in started:
+        station.stop()
+        thread.join(10)
+        assert not thread.is_alive(), "the station did not stop"
+
+
+def test_free_run_publishes_every_verdict_with_every_field(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    sub = subscribe("line1/st/#")
+    station = run_station(write_config(tmp_path, model_file, replay, broker, "line1/st"))
+    assert sub.wait_for("status").payload == b"online"
+    for _ in range(12):
+        sub.wait_for("verdict", lambda m: len(sub.on("verdict")) >= 12)
+    stats = sub.wait_for("stats").json()
+    station.stop()
+    sub.wait_for("status", lambda m: m.payload == b"offline")
+
+    verdicts = [m.json() for m in sub.on("verdict")]
+    assert all(set(v) >= VERDICT_FIELDS for v in verdicts)
+    assert {v["verdict"] for v in verdicts} == {"ok", "ng"}  # good and bad parts alternate
+    ng = [v for v in verdicts if v["verdict"] == "ng"]
+    assert all(v["score"] > v["threshold"] and v["boxes"] and v["area"] > 0 for v in ng)
+    assert all(v["model_id"] == station.model.id for v in verdicts)
+    seqs = [v["seq"] for v in verdicts]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert all(0 < v["capture_to_decision_ms"] < 500 and not v["over_budget"] for v in verdicts)
+    assert {
+        "frames",
+        "verdicts",
+        "ng",
+        "latency_ms_p50",
+        "latency_ms_p95",
+        "latency_ms_max",
+        "overruns",
+        "uptime_s",
+        "model_id",
+    } <= set(stats)
+
+    journal = Journal(tmp_path / "state" / "journal.sqlite")
+    assert journal.counts()["total"] >= len(verdicts)
+    stored = {r.seq: r for r in journal.recent(limit=1000)}
+    for v in verdicts:
+        assert stored[v["seq"]].verdict == v["verdict"]
+        assert stored[v["seq"]].published
+    saved = [r for r in stored.values() if r.verdict == "ng" and r.frame_path]
+    assert saved and all((tmp_path / "state" / r.frame_path).is_file() for r in saved)
+    assert all((tmp_path / "state" / r.overlay_path).is_file() for r in saved if r.overlay_path)
+
+
+def test_triggered_verdict_echoes_the_part_id_and_uses_a_fresh_frame(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    sub = subscribe("trig/#")
+    config = write_config(
+        tmp_path, model_file, replay, broker, "trig", trigger={"mode": "triggered"}
+    )
+    run_station(config)
+    sub.wait_for("status", lambda m: m.payload == b"online")
+    time.sleep(0.5)
+    assert sub.on("verdict") == [], "a triggered station inspects only when told"
+    sent = time.time()
+    sub.publish("trig/cmd/trigger", json.dumps({"part_id": "A-1234"}))
+    verdict = sub.wait_for("verdict").json()
+    assert verdict["part_id"] == "A-1234"
+    assert verdict["wall"] >= sent - 0.01, "the frame was taken after the trigger"
+    sub.publish("trig/cmd/trigger", "")
+    second = sub.wait_for("verdict", lambda m: m.json()["seq"] != verdict["seq"]).json()
+    assert second["part_id"] is None
+
+
+def test_pause_resume_and_reload_commands(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    parts: Path,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    sub = subscribe("cmds/#")
+    station = run_station(write_config(tmp_path, model_file, replay, broker, "cmds"))
+    first = sub.wait_for("verdict").json()
+    sub.publish("cmds/cmd/pause", "{}")
+    sub.wait_for("status", lambda m: m.payload == b"paused")
+    time.sleep(0.3)
+    count = len(sub.on("verdict"))
+    time.sleep(0.6)
+    assert len(sub.on("verdict")) == count, "no verdicts while paused"
+    sub.publish("cmds/cmd/resume", "")
+    sub.wait_for("status", lambda m: m.payload == b"online" and m.received > time.time() - 5)
+    sub.wait_for("verdict", lambda m: len(sub.on("verdict")) > count)
+
+    # Reload: a model trained on fewer images has another id; verdicts switch to it.
+    from edge.train import train
+
+    train(parts / "train", model_file.with_name("next.onnx"))
+    os.replace(model_file.with_name("next.onnx"), model_file)
+    sub.publish("cmds/cmd/reload", "")
+    new = sub.wait_for("verdict", lambda m: m.json()["model_id"] != first["model_id"]).json()
+    assert new["model_id"] == station.model.id
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "error"),
+    [
+        ("trigger", "{not json", "not UTF-8 JSON"),
+        ("trigger", '{"part_id": 42}', "part_id"),
+        ("trigger", '{"part_id": "A", "extra": 1}', "extra"),
+        ("trigger", "[1, 2]", "JSON object"),
+        ("shutdown", "{}", "unknown command"),
+        ("pause", "x" * 5000, "over the 4096-byte limit"),
+    ],
+)
+def test_bad_commands_are_answered_on_error_and_change_nothing(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    topic: str,
+    payload: str,
+    error: str,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    sub = subscribe("bad/#")
+    config = write_config(
+        tmp_path, model_file, replay, broker, "bad", trigger={"mode": "triggered"}
+    )
+    station = run_station(config)
+    sub.wait_for("status", lambda m: m.payload == b"online")
+    sub.publish(f"bad/cmd/{topic}", payload)
+    answer = sub.wait_for("error").json()
+    assert error in answer["error"]
+    time.sleep(0.3)
+    assert sub.on("verdict") == [] and not station.paused and station.status == "online"
+
+
+def test_reload_of_a_broken_model_keeps_the_old_one(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    sub = subscribe("rl/#")
+    station = run_station(write_config(tmp_path, model_file, replay, broker, "rl"))
+    old = sub.wait_for("verdict").json()["model_id"]
+    model_file.write_bytes(b"\x08\x01not a model")
+    sub.publish("rl/cmd/reload", "{}")
+    assert "not loaded, still running" in sub.wait_for("error").json()["error"]
+    n = len(sub.on("verdict"))
+    later = sub.wait_for("verdict", lambda m: len(sub.on("verdict")) > n + 2).json()
+    assert later["model_id"] == old == station.model.id
+
+
+def _station_process(config: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_sigterm_publishes_offline_and_exits_0(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+) -> None:
+    sub = subscribe("term/#")
+    proc = _station_process(write_config(tmp_path, model_file, replay, broker, "term"))
+    try:
+        sub.wait_for("verdict", timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
+    offline = sub.wait_for("status", lambda m: m.payload == b"offline")
+    assert offline.received >= sub.on("verdict")[-1].received
+    # The retained status says offline to anyone who subscribes later.
+    late = subscribe("term/status")
+    assert late.wait_for("status").payload == b"offline"
+
+
+def test_kill_9_leaves_offline_through_the_last_will(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+) -> None:
+    sub = subscribe("will/#")
+    config = write_config(tmp_path, model_file, replay, broker, "will", mqtt={"keepalive_s": 5})
+    proc = _station_process(config)
+    try:
+        sub.wait_for("verdict", timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert sub.wait_for("status", lambda m: m.payload == b"offline", timeout=20)
+
+
+def test_station_tells_systemd_it_is_ready_and_alive(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    config = write_config(tmp_path, model_file, replay, broker, "sd")
+    proc = _station_process(
+        config, {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "5000000"}
+    )
+    try:
+        got: list[str] = []
+        while not ("READY=1" in got and got.count("WATCHDOG=1") >= 3):
+            got += notify.recv(4096).decode().split("\n")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert got.index("READY=1") < got.index("WATCHDOG=1") or got.count("WATCHDOG=1") >= 3
+    assert proc.returncode == 0
+
+
+def test_check_config_names_every_problem_and_exits_78(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[station]\nbudgt_ms = 5\n[model]\npath = "m.onnx"\nthreads = 0\n'
+        '[source]\nkind = "folder"\npath = "x"\nfps = -1\n'
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 78
+    lines = r.stderr.strip().splitlines()
+    assert any("station.budgt_ms: unknown key" in line for line in lines)
+    assert any("model.threads:" in line for line in lines)
+    assert any("source.fps:" in line for line in lines)
+    assert all(str(bad) in line for line in lines)
+    example = Path(__file__).parent.parent / "deploy" / "config.example.toml"
+    r = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "check-config", str(example)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def test_records_lists_and_exports_the_journal(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    sub = subscribe("rec/#")
+    config = write_config(tmp_path, model_file, replay, broker, "rec")
+    station = run_station(config)
+    sub.wait_for("verdict", lambda m: len(sub.on("verdict")) >= 6)
+    station.stop()
+    sub.wait_for("status", lambda m: m.payload == b"offline")
+    out = tmp_path / "records.csv"
+    r = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "records", "--config", str(config), "--csv", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = out.read_text().strip().splitlines()
+    assert len(rows) - 1 >= 6 and "verdict" in rows[0]
+    r = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "records", "--config", str(config), "--ng"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and " NG " in r.stdout
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd is not installed")
+def test_unit_file_verifies(tmp_path: Path) -> None:
+    unit = Path(__file__).parent.parent / "deploy" / "systemd" / "edge-inspect.service"
+    # verify checks that ExecStart exists: point it at this checkout's edge-inspect.
+    exe = Path(sys.executable).parent / "edge-inspect"
+    local = tmp_path / "edge-inspect.service"
+    local.write_text(unit.read_text().replace("/opt/edge-inspect/.venv/bin/edge-inspect", str(exe)))
+    r = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
