@@ -19,9 +19,10 @@ if TYPE_CHECKING:
     from edge.config import Config
 
 # sysexits.h: the exit codes scripts and systemd can tell apart.
+EX_USAGE = 64  # a command-line value that cannot be used
 EX_DATAERR = 65  # bad input data: images, model files
 EX_NOINPUT = 66  # an input file or folder does not exist
-EX_UNAVAILABLE = 69  # the camera cannot be opened
+EX_UNAVAILABLE = 69  # the camera cannot be opened, the broker cannot be reached
 EX_CANTCREAT = 73  # an output cannot be written
 EX_CONFIG = 78
 
@@ -248,6 +249,31 @@ def cmd_records(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from edge.config import MqttConfig
+    from edge.watch import BrokerUnavailable, watch
+
+    base = _config(args.config).mqtt.model_dump() if args.config else {}
+    given = {"host": args.host, "port": args.port, "prefix": args.prefix}
+    try:
+        cfg = MqttConfig.model_validate(
+            {**base, **{k: v for k, v in given.items() if v is not None}}
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = f"--{err['loc'][0]}: " if err["loc"] else ""
+        print(f"edge-inspect: {where}{err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return EX_USAGE
+    try:
+        watch(cfg, as_json=args.json, count=args.count, seconds=args.seconds)
+    except BrokerUnavailable as exc:
+        print(f"edge-inspect: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edge-inspect", description="Teach a camera station good parts; flag the bad ones."
@@ -343,6 +369,16 @@ def parser() -> argparse.ArgumentParser:
     rec.add_argument("--limit", type=int, default=20, help="how many to list (default 20)")
     rec.add_argument("--csv", type=Path, help="export all records to this CSV file (- for stdout)")
     rec.set_defaults(func=cmd_records)
+
+    w = sub.add_parser("watch", help="print what a line controller sees on the broker")
+    w.add_argument("--config", type=Path, help="take broker, prefix, TLS and login from a config")
+    w.add_argument("--host", help="broker host (default localhost, or the config's)")
+    w.add_argument("--port", type=int, help="broker port (default 1883, or the config's)")
+    w.add_argument("--prefix", help="topic prefix (default edge-inspect/station, or the config's)")
+    w.add_argument("--json", action="store_true", help="one JSON object per message")
+    w.add_argument("--count", type=int, metavar="N", help="exit after N verdicts")
+    w.add_argument("--seconds", type=float, metavar="S", help="exit after S seconds")
+    w.set_defaults(func=cmd_watch)
     return p
 
 

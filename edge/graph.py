@@ -9,7 +9,8 @@ One model file holds the whole path from the camera's uint8 BGR image to the ima
       -> (x - 127) / 128, reflect-pad by PAD pixels (keeps zero padding out of the border cells)
       -> EfficientNet-Lite0 up to stride 16
       -> 3x3 average of each map, stride-16 map upsampled to stride 8, concatenated (152 channels)
-      -> distance of every patch to its nearest memory-bank entry, Gaussian smoothing
+      -> distance of every patch to its nearest memory-bank entry, standardised by the mean and
+         spread good images show at that position class (border rings vs interior), smoothed
       -> anomaly_map [1, 1, h, w] and score [1] (its maximum)
 
 Training runs the same graph, cut after the features, so nothing outside it re-implements
@@ -28,6 +29,8 @@ PAD = 32  # pixels of the resized image; a multiple of 16
 MEAN = 127.0
 STD = 128.0
 SMOOTH_SIGMA = 1.0  # in map cells
+BORDER_RINGS = 2  # cells 0, 1 and 2+ from each edge make the position classes
+POSITION_CLASSES = (BORDER_RINGS + 1) ** 2
 
 
 class _Builder:
@@ -38,9 +41,14 @@ class _Builder:
         self.inits: list[onnx.TensorProto] = []
         self._n = 0
 
-    def const(self, value: np.ndarray | list[int] | list[float], dtype: type = np.int64) -> str:
+    def const(
+        self,
+        value: np.ndarray | list[int] | list[float] | int,
+        dtype: type = np.int64,
+        name: str = "",
+    ) -> str:
         self._n += 1
-        name = f"c{self._n}"
+        name = name or f"c{self._n}"
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
@@ -140,8 +148,42 @@ def _gaussian_kernel(sigma: float) -> np.ndarray:
     return out
 
 
-def _score(b: _Builder, fmap: str, bank_t: str, bank_sq: str) -> tuple[str, str]:
-    """Nearest-neighbour distance of each patch in fmap [1, C, h, w] to bank_t [C, M]."""
+def position_classes(h: int, w: int) -> np.ndarray:
+    """Each map cell's position class: 3 * rows-from-edge + columns-from-edge, both capped at 2.
+
+    Cells at the border see padding and the part's own edges, so their nearest-neighbour
+    distances run higher and wider than inside; class 8 is the interior. The model keeps a
+    mean and a scale per class, learnt from held-out good images.
+    """
+    i, j = np.arange(h), np.arange(w)
+    a = np.minimum(np.minimum(i, h - 1 - i), BORDER_RINGS)
+    c = np.minimum(np.minimum(j, w - 1 - j), BORDER_RINGS)
+    out: np.ndarray = a[:, None] * (BORDER_RINGS + 1) + c[None, :]
+    return out
+
+
+def _position_classes(b: _Builder, hw: str) -> str:
+    """position_classes() in the graph, for a map whose size is only known at run time."""
+    rings = b.const(BORDER_RINGS)
+
+    def edge_distance(axis: int) -> str:
+        n = b.op(
+            "Squeeze", [b.op("Slice", [hw, b.const([axis]), b.const([axis + 1])]), b.const([0])]
+        )
+        i = b.op("Range", [b.const(0), n, b.const(1)])
+        back = b.op("Sub", [b.op("Sub", [n, b.const(1)]), i])
+        return b.op("Min", [i, back, rings])
+
+    a = b.op("Unsqueeze", [edge_distance(0), b.const([1])])
+    c = b.op("Unsqueeze", [edge_distance(1), b.const([0])])
+    return b.op("Add", [b.op("Mul", [a, b.const(BORDER_RINGS + 1)]), c])
+
+
+def _score(
+    b: _Builder, fmap: str, bank_t: str, bank_sq: str, mean: str, inv_scale: str
+) -> tuple[str, str, str]:
+    """Nearest-neighbour distance of each patch in fmap [1, C, h, w] to bank_t [C, M],
+    standardised per position class: (d - mean[class]) * inv_scale[class], then smoothed."""
     shape = b.op("Shape", [fmap])
     c = b.op("Slice", [shape, b.const([1]), b.const([2])])
     q = b.op(
@@ -158,12 +200,15 @@ def _score(b: _Builder, fmap: str, bank_t: str, bank_sq: str) -> tuple[str, str]
     dist = b.op("Sqrt", [b.op("Relu", [b.op("Add", [nearest, qq])])])
     hw = b.op("Slice", [shape, b.const([2]), b.const([4])])
     raw = b.op("Reshape", [dist, b.op("Concat", [b.const([1, 1]), hw], axis=0)])
+    classes = _position_classes(b, hw)
+    z = b.op("Sub", [raw, b.op("Gather", [mean, classes], axis=0)])
+    z = b.op("Mul", [z, b.op("Gather", [inv_scale, classes], axis=0)])
     kernel = _gaussian_kernel(SMOOTH_SIGMA)
     r = kernel.shape[-1] // 2
-    padded = b.op("Pad", [raw, b.const([0, 0, r, r, 0, 0, r, r])], mode="reflect")
+    padded = b.op("Pad", [z, b.const([0, 0, r, r, 0, 0, r, r])], mode="reflect")
     amap = b.op("Conv", [padded, b.const(kernel, np.float32)])
     score = b.op("ReduceMax", [amap, b.const([1, 2, 3])], keepdims=0)
-    return b.op("Reshape", [score, b.const([1])]), amap
+    return b.op("Reshape", [score, b.const([1])]), amap, raw
 
 
 def _image_input(image_hw: tuple[int, int] | None) -> onnx.ValueInfoProto:
@@ -175,6 +220,7 @@ _OUTPUT_DIMS: dict[str, list[int | str]] = {
     "features": [1, "channels", "h", "w"],
     "score": [1],
     "anomaly_map": [1, 1, "h", "w"],
+    "raw_map": [1, 1, "h", "w"],
 }
 
 
@@ -208,19 +254,22 @@ def build_feature_graph(
 
 
 def build_scoring_graph(channels: int) -> onnx.ModelProto:
-    """features [1, C, h, w], bank [C, M], bank_sq [M] -> score [1], anomaly_map [1, 1, h, w].
+    """features [1, C, h, w], bank [C, M], bank_sq [M], mean [K], inv_scale [K]
+    -> score [1], anomaly_map [1, 1, h, w], raw_map [1, 1, h, w] (distances before standardising).
 
     Calibration runs this with parts of the bank held out.
     """
     b = _Builder()
-    score, amap = _score(b, "features", "bank", "bank_sq")
+    score, amap, raw = _score(b, "features", "bank", "bank_sq", "mean", "inv_scale")
     f = TensorProto.FLOAT
     inputs = [
         helper.make_tensor_value_info("features", f, [1, channels, "h", "w"]),
         helper.make_tensor_value_info("bank", f, [channels, "m"]),
         helper.make_tensor_value_info("bank_sq", f, ["m"]),
+        helper.make_tensor_value_info("mean", f, [POSITION_CLASSES]),
+        helper.make_tensor_value_info("inv_scale", f, [POSITION_CLASSES]),
     ]
-    return _finish(b, inputs, {"score": score, "anomaly_map": amap})
+    return _finish(b, inputs, {"score": score, "anomaly_map": amap, "raw_map": raw})
 
 
 def build_model_graph(
@@ -229,13 +278,22 @@ def build_model_graph(
     roi: tuple[int, int, int, int] | None,
     size: int,
     bank: np.ndarray,
+    mean: np.ndarray,
+    inv_scale: np.ndarray,
 ) -> onnx.ModelProto:
-    """The deployable model: image -> score [1], anomaly_map [1, 1, h, w]; bank is [M, C]."""
+    """The deployable model: image -> score [1], anomaly_map [1, 1, h, w].
+
+    bank is [M, C]; mean and inv_scale [POSITION_CLASSES] standardise the distances.
+    """
     b = _Builder()
     s8, s16 = _inline_backbone(b, backbone, _preprocess(b, "image", roi, size))
     fmap = _features(b, s8, s16)
     bank = bank.astype(np.float32)
-    bank_t = b.const(np.ascontiguousarray(bank.T), np.float32)
-    bank_sq = b.const((bank * bank).sum(axis=1), np.float32)
-    score, amap = _score(b, fmap, bank_t, bank_sq)
+    bank_t = b.const(np.ascontiguousarray(bank.T), np.float32, "memory_bank_t")
+    bank_sq = b.const((bank * bank).sum(axis=1), np.float32, "memory_bank_sq")
+    stats = [
+        b.const(mean, np.float32, "position_mean"),
+        b.const(inv_scale, np.float32, "position_inv_scale"),
+    ]
+    score, amap, _ = _score(b, fmap, bank_t, bank_sq, *stats)
     return _finish(b, [_image_input(image_hw)], {"score": score, "anomaly_map": amap})

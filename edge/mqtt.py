@@ -40,6 +40,20 @@ def _dumps(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
+def secure(client: mqtt.Client, cfg: MqttConfig) -> None:
+    """Give a paho client the configured login and TLS settings (the station's and watch's)."""
+    if cfg.username:
+        client.username_pw_set(cfg.username, cfg.password())
+    if cfg.tls.enabled:
+        client.tls_set(
+            ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+            certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+            keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+            cert_reqs=ssl.CERT_NONE if cfg.tls.insecure else ssl.CERT_REQUIRED,
+        )
+        client.tls_insecure_set(cfg.tls.insecure)
+
+
 class Link:
     """One MQTT connection, kept up by paho's network thread with reconnect back-off.
 
@@ -66,6 +80,7 @@ class Link:
         self.connected = threading.Event()
         self.connects = 0
         self.last_error: str | None = None
+        self._stopping = False
         v5 = cfg.protocol == "5"
         self._v5 = v5
         self.client = mqtt.Client(
@@ -78,16 +93,7 @@ class Link:
         c.max_queued_messages_set(cfg.max_queued)
         c.reconnect_delay_set(round(cfg.reconnect_min_s) or 1, round(cfg.reconnect_max_s) or 1)
         c.will_set(self.topic("status"), b"offline", qos=1, retain=True)
-        if cfg.username:
-            c.username_pw_set(cfg.username, cfg.password())
-        if cfg.tls.enabled:
-            c.tls_set(
-                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
-                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
-                cert_reqs=ssl.CERT_NONE if cfg.tls.insecure else ssl.CERT_REQUIRED,
-            )
-            c.tls_insecure_set(cfg.tls.insecure)
+        secure(c, cfg)
         c.on_connect = self._connected
         c.on_disconnect = self._disconnected
         c.on_publish = self._published
@@ -113,6 +119,10 @@ class Link:
                 info.wait_for_publish(timeout_s)
             except (RuntimeError, ValueError) as exc:
                 log.warning("offline status not confirmed: %s", exc)
+        self._stopping = True  # what follows is our own disconnect, not a lost broker
+        # paho 2.2 logs "Client is not connected" at ERROR after every clean disconnect that
+        # its loop_start thread carries out; nothing is wrong by then, so it must not show.
+        self.client.disable_logger()
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -133,7 +143,7 @@ class Link:
         self.connected.set()
 
     def _disconnected(self, _c: mqtt.Client, _u: object, _f: object, rc: Any, _p: object) -> None:
-        if self.connected.is_set():
+        if self.connected.is_set() and not self._stopping:
             log.warning(
                 "lost the broker %s:%s (%s); reconnecting", self.cfg.host, self.cfg.port, rc
             )

@@ -125,6 +125,28 @@ def coreset(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return chosen
 
 
+def position_stats(raw_maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per position class: the mean of held-out good distances and 1 / their spread.
+
+    The spread is floored at the interior's, so a quiet class is never amplified; classes a
+    small map lacks take the statistics of all cells.
+    """
+    classes = [graph.position_classes(*m.shape).ravel() for m in raw_maps]
+    values = np.concatenate([m.ravel() for m in raw_maps]).astype(np.float64)
+    cls = np.concatenate(classes)
+    n = graph.POSITION_CLASSES
+    interior = values[cls == n - 1]
+    floor = float(interior.std()) if interior.size > 1 else float(values.std())
+    mean = np.full(n, values.mean())
+    scale = np.full(n, max(float(values.std()), floor))
+    for c in range(n):
+        v = values[cls == c]
+        if v.size > 1:
+            mean[c], scale[c] = v.mean(), max(float(v.std()), floor)
+    scale = np.maximum(scale, 1e-6)
+    return mean.astype(np.float32), (1.0 / scale).astype(np.float32)
+
+
 def _hash_files(paths: list[Path]) -> str:
     digests = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in paths)
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()
@@ -225,26 +247,43 @@ def train(
         providers=["CPUExecutionProvider"],
     )
 
-    def score(fmap: np.ndarray, keep: np.ndarray) -> float:
+    classes = graph.POSITION_CLASSES
+    stats = {"mean": np.zeros(classes, np.float32), "inv_scale": np.ones(classes, np.float32)}
+
+    def score(fmap: np.ndarray, keep: np.ndarray) -> tuple[float, np.ndarray]:
         b = bank[keep]
         out = scorer.run(
-            None, {"features": fmap, "bank": np.ascontiguousarray(b.T), "bank_sq": (b * b).sum(1)}
+            None,
+            {
+                "features": fmap,
+                "bank": np.ascontiguousarray(b.T),
+                "bank_sq": (b * b).sum(1),
+                **stats,
+            },
         )
-        return float(out[0][0])
+        return float(out[0][0]), out[2][0, 0]
 
-    # Held-out scores: each good image against the bank without the entries it contributed.
+    # Held-out maps: each good image against the bank without the entries it contributed. They
+    # give the distances good parts show at each position class, then the held-out scores.
+    steps = 2 * len(normals) + len(anomalies)
+    held_out = [bank_owner != i for i in range(len(normals))]
+    fmaps = [features.run(None, {"image": image})[0] for image in normals]
+    raw_maps = []
+    for i, fmap in enumerate(fmaps):
+        raw_maps.append(score(fmap, held_out[i])[1])
+        progress("calibration", i + 1, steps)
+    mean, inv_scale = position_stats(raw_maps)
+    stats = {"mean": mean, "inv_scale": inv_scale}
     normal_scores = []
-    for i, image in enumerate(normals):
-        (fmap,) = features.run(None, {"image": image})
-        normal_scores.append(score(fmap, bank_owner != i))
-        progress("calibration", i + 1, len(normals) + len(anomalies))
+    for i, fmap in enumerate(fmaps):
+        normal_scores.append(score(fmap, held_out[i])[0])
+        progress("calibration", len(normals) + i + 1, steps)
     everything = np.ones(len(bank), dtype=bool)
     anomaly_scores = []
     for j, image in enumerate(anomalies):
         (fmap,) = features.run(None, {"image": image})
-        anomaly_scores.append(score(fmap, everything))
-        progress("calibration", len(normals) + j + 1, len(normals) + len(anomalies))
-        done += 1
+        anomaly_scores.append(score(fmap, everything)[0])
+        progress("calibration", 2 * len(normals) + j + 1, steps)
     ns, ans = np.array(normal_scores), np.array(anomaly_scores)
     threshold, rule, frr = _threshold(ns, ans, opts.false_reject_rate)
 
@@ -272,7 +311,7 @@ def train(
         bank_size=len(bank),
         augment=opts.augment,
     )
-    model = graph.build_model_graph(backbone, image_hw, opts.roi, opts.size, bank)
+    model = graph.build_model_graph(backbone, image_hw, opts.roi, opts.size, bank, mean, inv_scale)
     for k, v in meta.to_props().items():
         model.metadata_props.add(key=k, value=v)
     write_atomically(model, output)

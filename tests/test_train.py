@@ -15,7 +15,7 @@ from edge import graph
 from edge.assets import backbone_path
 from edge.images import list_images, read_image
 from edge.model import Model, ModelError, read_meta
-from edge.train import TrainError, TrainOptions, coreset, train
+from edge.train import TrainError, TrainOptions, coreset, position_stats, train
 
 
 def scores(model: Model, folder: Path) -> list[float]:
@@ -107,12 +107,18 @@ def test_onnx_output_matches_an_independent_numpy_computation(tmp_path: Path, pa
     q = feats.reshape(feats.shape[0], -1).T
 
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
-    bank = next(v for v in inits.values() if v.ndim == 2 and v.shape[0] == q.shape[1]).T
+    bank = inits["memory_bank_t"].T
     d = np.sqrt(((q[:, None, :] - bank[None, :, :]) ** 2).sum(-1).min(1)).reshape(feats.shape[1:])
+    # Standardised per position class: rows and columns from the nearest edge, capped at 2.
+    h, w = d.shape
+    rows = np.minimum(np.minimum(np.arange(h), h - 1 - np.arange(h)), 2)
+    cols = np.minimum(np.minimum(np.arange(w), w - 1 - np.arange(w)), 2)
+    cls = rows[:, None] * 3 + cols[None, :]
+    z = (d - inits["position_mean"][cls]) * inits["position_inv_scale"][cls]
     k = cv2.getGaussianKernel(5, graph.SMOOTH_SIGMA)
-    smooth = cv2.sepFilter2D(d.astype(np.float32), -1, k, k, borderType=cv2.BORDER_REFLECT_101)
+    smooth = cv2.sepFilter2D(z.astype(np.float32), -1, k, k, borderType=cv2.BORDER_REFLECT_101)
     assert amap.shape == smooth.shape
-    np.testing.assert_allclose(amap, smooth, rtol=2e-3, atol=2e-2)
+    np.testing.assert_allclose(amap, smooth, rtol=2e-3, atol=2e-3)
     assert score == pytest.approx(float(smooth.max()), rel=2e-3)
 
 
@@ -212,3 +218,22 @@ def test_coreset_covers_every_cluster() -> None:
     assert len(set(chosen.tolist())) == 12
     picked = {int(np.argmin(((centres - x[i]) ** 2).sum(1))) for i in chosen}
     assert picked == set(range(6))
+
+
+def test_border_cells_are_judged_against_border_statistics() -> None:
+    # Good parts whose border cells run high and wide: after standardising, a border value
+    # that is ordinary for a border must not outscore a true outlier inside.
+    rng = np.random.default_rng(0)
+    maps = []
+    for _ in range(20):
+        m = rng.normal(10, 1, (12, 16))
+        m[0, :] = m[-1, :] = rng.normal(20, 4, 16)[None]
+        maps.append(m.astype(np.float32))
+    mean, inv_scale = position_stats(maps)
+    interior = graph.POSITION_CLASSES - 1
+    assert mean[0] > mean[interior] + 5  # corners and top/bottom edges learnt as higher
+    assert np.all(1 / inv_scale >= 1 / inv_scale[interior] - 1e-6), "no class is amplified"
+    cls = graph.position_classes(12, 16)
+    border_z = (24 - mean[cls[0, 5]]) * inv_scale[cls[0, 5]]  # one sd above the border mean
+    inside_z = (14 - mean[cls[6, 8]]) * inv_scale[cls[6, 8]]  # four sd above the interior
+    assert inside_z > 3 * border_z

@@ -1,0 +1,183 @@
+"""Replay frames through the whole station into a real broker; report end-to-end latency.
+
+    python scripts/benchmark_service.py                   # synthetic 640x480 parts, default model
+    python scripts/benchmark_service.py --data ../shared/datasets/aliens --seconds 60
+
+For each rate it starts a private Mosquitto, runs `edge-inspect run` as its own process (folder
+source, free-run, one inference thread) and subscribes to the verdicts as a line controller
+would. End-to-end latency is the moment the subscriber receives a verdict minus the frame's
+capture time in the verdict (both on this machine's clock): it includes image decoding,
+inference, the journal write and the trip through the broker. "max" replays far faster than the
+station can inspect, so the newest frame always wins and the verdict rate is the throughput.
+Peak RSS is the station process's VmHWM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+sys.path.insert(0, str(Path(__file__).parent))
+import make_demo_data  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_broker(work: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.Popen([exe, "-c", str(conf)], stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    sys.exit("benchmark_service: mosquitto did not start")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_rate(model: Path, replay: Path, fps: float, seconds: float, work: Path) -> dict[str, float]:
+    broker, port = start_broker(work)
+    state = work / f"state-{fps:g}"
+    config = work / f"config-{fps:g}.toml"
+    config.write_text(
+        f'[station]\nname = "bench"\nbudget_ms = 100\nstate_dir = "{state}"\n'
+        f'[model]\npath = "{model}"\nthreads = 1\n'
+        f'[source]\nkind = "folder"\npath = "{replay}"\nfps = {fps}\nloop = true\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nprefix = "bench"\nstats_interval_s = 5\n'
+        f"[storage]\nquota_mb = 200\nsave_ok_every = 0\n"
+    )
+    received: list[tuple[float, dict[str, object]]] = []
+    lock = threading.Lock()
+
+    def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        now = time.time()
+        with lock:
+            received.append((now, json.loads(msg.payload)))
+
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = on_message
+    sub.connect("127.0.0.1", port)
+    sub.subscribe("bench/verdict", qos=1)
+    sub.loop_start()
+    station = subprocess.Popen(
+        [sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Warm-up: the first verdicts include model loading and cache warm-up; skip 3 s.
+        deadline = time.time() + 60
+        while not received and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(3)
+        with lock:
+            received.clear()
+        t0 = time.time()
+        time.sleep(seconds)
+        with lock:
+            window = list(received)
+        elapsed = time.time() - t0
+        rss = peak_rss_mb(station.pid)
+    finally:
+        station.terminate()
+        _, err = station.communicate(timeout=30)
+        sub.disconnect()
+        sub.loop_stop()
+        broker.terminate()
+        broker.wait(10)
+    if not window:
+        sys.exit(f"benchmark_service: no verdicts at {fps} fps\n{err}")
+    e2e = np.array([(now - float(p["wall"])) * 1000 for now, p in window])  # type: ignore[arg-type]
+    decide = np.array([float(p["capture_to_decision_ms"]) for _, p in window])  # type: ignore[arg-type]
+    infer = np.array([float(p["inference_ms"]) for _, p in window])  # type: ignore[arg-type]
+    return {
+        "fps_in": fps,
+        "verdicts_per_s": len(window) / elapsed,
+        "e2e_p50": float(np.percentile(e2e, 50)),
+        "e2e_p95": float(np.percentile(e2e, 95)),
+        "e2e_p99": float(np.percentile(e2e, 99)),
+        "e2e_max": float(e2e.max()),
+        "decide_p50": float(np.percentile(decide, 50)),
+        "infer_p50": float(np.percentile(infer, 50)),
+        "over_budget": float(sum(bool(p["over_budget"]) for _, p in window)),
+        "rss_mb": rss,
+        "verdicts": float(len(window)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data", type=Path, help="data set with train/ and test/ (default: synthetic)"
+    )
+    parser.add_argument(
+        "--rates", default="10,20,max", help="replay rates, fps (default 10,20,max)"
+    )
+    parser.add_argument("--seconds", type=float, default=30, help="measuring time per rate")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = args.data
+        if data is None:
+            counts = {"train/normal": 20, "test/normal": 30, "test/anomaly": 10}
+            data = make_demo_data.write_dataset(work / "data", "part", counts, 640, 480)
+        replay = work / "replay"
+        replay.mkdir()
+        for i, p in enumerate(sorted((data / "test").glob("*/*"))):
+            shutil.copy(p, replay / f"{i:05d}{p.suffix}")
+        model = work / "model.onnx"
+        subprocess.run(
+            [sys.executable, "-m", "edge.cli", "train", str(data / "train"), "-o", str(model)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        rows = []
+        for rate in args.rates.split(","):
+            fps = 1000.0 if rate == "max" else float(rate)
+            print(f"measuring at {rate} fps for {args.seconds:g} s ...", file=sys.stderr)
+            rows.append((rate, run_rate(model, replay, fps, args.seconds, work)))
+    print(f"data: {args.data or 'synthetic parts 640x480'}, one inference thread\n")
+    print(
+        "| replay fps | verdicts/s | e2e p50 ms | p95 | p99 | max | decide p50 | infer p50 "
+        "| over budget | peak RSS MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for rate, r in rows:
+        print(
+            f"| {rate} | {r['verdicts_per_s']:.1f} | {r['e2e_p50']:.1f} | {r['e2e_p95']:.1f} "
+            f"| {r['e2e_p99']:.1f} | {r['e2e_max']:.1f} | {r['decide_p50']:.1f} "
+            f"| {r['infer_p50']:.1f} | {r['over_budget']:.0f}/{r['verdicts']:.0f} "
+            f"| {r['rss_mb']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
