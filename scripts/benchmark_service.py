@@ -30,7 +30,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).parent))
-import make_demo_data  # noqa: E402
+import make_demo_data
 
 
 def free_port() -> int:
