@@ -139,7 +139,8 @@ class Link:
         client.subscribe(self.topic("cmd/+"), qos=1)
         # Retained state is published again on every connect, so it is right after a broker restart.
         client.publish(self.topic("status"), self._status, qos=1, retain=True)
-        client.publish(self.topic("state"), _dumps(self._state), qos=1, retain=True)
+        if self._state:  # empty until the station's first set_status, which publishes it
+            client.publish(self.topic("state"), _dumps(self._state), qos=1, retain=True)
         self.connected.set()
 
     def _disconnected(self, _c: mqtt.Client, _u: object, _f: object, rc: Any, _p: object) -> None:

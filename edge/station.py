@@ -28,6 +28,11 @@ from edge.systemd import Notifier
 log = logging.getLogger(__name__)
 
 MAX_COMMAND_BYTES = 4096
+# A failing camera is retried after 0.5, 1, 2, 4, 8, 10, 10 ... s and reopened every 3rd failure;
+# the longest wait stays well inside systemd's WatchdogSec, which is for a loop that hangs.
+SOURCE_RETRY_MIN_S = 0.5
+SOURCE_RETRY_MAX_S = 10.0
+SOURCE_REOPEN_AFTER = 3
 LATENCY_WINDOW = 1000  # verdicts the stats percentiles are taken over
 
 
@@ -124,6 +129,7 @@ class Station:
         self._stop = threading.Event()
         self._last_frame: Frame | None = None
         self._ok_count = 0
+        self._source_failures = 0
         self.link: Link | None = None
         if cfg.mqtt.enabled:
             self.link = Link(
@@ -149,10 +155,14 @@ class Station:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
-        self.source.open()
         if self.link:
             self.link.start()
-        self._set_status("online", "")
+        try:
+            self.source.open()
+        except SourceError as exc:
+            self._source_failed(exc)
+        if not self._source_failures:
+            self._set_status("online", "")
         self.notifier.ready(f"inspecting with model {self.model.id}")
         log.info(
             "station %s ready: model %s, source %s",
@@ -282,16 +292,34 @@ class Station:
             if rec.seq not in inflight and not link.publish_backlog(rec.payload(), rec.seq):
                 break
 
+    def _source_failed(self, exc: SourceError) -> None:
+        """Report the camera fault, back off, and reopen the source after repeated failures."""
+        self.stats.source_errors += 1
+        self._source_failures += 1
+        self._set_status("degraded", str(exc))
+        delay = min(SOURCE_RETRY_MIN_S * 2 ** (self._source_failures - 1), SOURCE_RETRY_MAX_S)
+        self._stop.wait(delay)
+        if self._source_failures % SOURCE_REOPEN_AFTER == 0 and not self._stop.is_set():
+            log.warning(
+                "reopening source %s after %d failures", self.source.name, self._source_failures
+            )
+            self.source.close()
+            try:
+                self.source.open()
+            except SourceError as again:
+                self._set_status("degraded", str(again))
+
     def _inspect(self, fresh: bool, part_id: str | None) -> None:
         try:
             frame = self.source.read(fresh=fresh)
         except SourceEnded:
             raise
         except SourceError as exc:
-            self.stats.source_errors += 1
-            self._set_status("degraded", str(exc))
+            self._source_failed(exc)
             return
-        if self.status == "degraded":
+        if self._source_failures:
+            log.info("source %s delivers again", self.source.name)
+            self._source_failures = 0
             self._set_status("online", "")
         self.stats.frames += 1
         self._last_frame = frame

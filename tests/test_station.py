@@ -14,11 +14,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import Broker, Subscriber
 
 from edge.config import load_config
 from edge.journal import Journal
+from edge.sources import Frame, SourceError
 from edge.station import Station
 
 VERDICT_FIELDS = {
@@ -415,3 +417,69 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     local.write_text(unit.read_text().replace("/opt/edge-inspect/.venv/bin/edge-inspect", str(exe)))
     r = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+class FlakySource:
+    """A camera that delivers, then fails (raises, or hands out garbage), then recovers."""
+
+    def __init__(self, frames: list[Path], failures: int, garbage: bool) -> None:
+        from edge.images import read_image
+
+        self.images = [read_image(p) for p in frames]
+        self.name = "flaky test camera"
+        self.dropped = 0
+        self.failures = failures
+        self.garbage = garbage
+        self.reads = 0
+        self.opens = 0
+
+    def open(self) -> None:
+        self.opens += 1
+
+    def close(self) -> None:
+        pass
+
+    def read(self, fresh: bool = False, timeout_s: float = 2.0) -> Frame:
+        from edge.sources import check_frame
+
+        self.reads += 1
+        time.sleep(0.02)
+        if 5 < self.reads <= 5 + self.failures:
+            if self.garbage:
+                check_frame(np.zeros((0, 3), np.uint8), self.name)
+            raise SourceError(f"{self.name}: no frame within {timeout_s} s")
+        image = self.images[self.reads % len(self.images)]
+        now = time.monotonic()
+        return Frame(image, self.reads, now, time.time())
+
+
+@pytest.mark.parametrize("garbage", [False, True], ids=["raises", "garbage"])
+def test_camera_fault_degrades_then_recovers_by_itself(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    garbage: bool,
+    subscribe: Callable[[str], Subscriber],
+) -> None:
+    sub = subscribe("cam/#")
+    config = load_config(write_config(tmp_path, model_file, replay, broker, "cam"))
+    source = FlakySource(sorted(replay.iterdir())[:4], failures=4, garbage=garbage)
+    station = Station(config, source=source)
+    thread = threading.Thread(target=station.run, daemon=True)
+    thread.start()
+    try:
+        degraded = sub.wait_for("state", lambda m: m.json()["status"] == "degraded")
+        assert "flaky test camera" in degraded.json()["reason"]
+        sub.wait_for("status", lambda m: m.payload == b"degraded")
+        back = sub.wait_for(
+            "status", lambda m: m.payload == b"online" and m.received > degraded.received
+        )
+        after = sub.wait_for("verdict", lambda m: m.received > back.received)
+        assert after.json()["verdict"] in ("ok", "ng")
+        assert source.opens >= 2, "the source was reopened after repeated failures"
+        stats = sub.wait_for("stats", lambda m: m.json()["source_errors"] >= 4).json()
+        assert stats["source_errors"] == 4
+    finally:
+        station.stop()
+        thread.join(15)
