@@ -50,8 +50,9 @@ class _Progress:
             self.stage, self.start = stage, time.monotonic()
         elapsed = time.monotonic() - self.start
         left = elapsed / done * (total - done) if done else 0.0
+        unit = "scoring passes" if stage == "calibration" else "images"
         line = (
-            f"{stage}: {done}/{total} images, {left:.1f} s left"
+            f"{stage}: {done}/{total} {unit}, {left:.1f} s left"
             if stage != "memory bank"
             else f"{stage}: {'done' if done else 'choosing patches'}"
         )

@@ -154,10 +154,13 @@ class Link:
         self.last_error = f"cannot reach broker {self.cfg.host}:{self.cfg.port}"
 
     def _published(self, _c: mqtt.Client, _u: object, mid: int, rc: Any, _p: object) -> None:
+        # Mark the record delivered before it leaves _inflight, so the backlog flush (which
+        # skips in-flight records) can never see it as neither in flight nor delivered.
         with self._lock:
-            seq = self._inflight.pop(mid, None)
-        if seq is not None and not rc.is_failure:
-            self._on_delivered(seq)
+            seq = self._inflight.get(mid)
+            if seq is not None and not rc.is_failure:
+                self._on_delivered(seq)
+            self._inflight.pop(mid, None)
 
     def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         name = msg.topic[len(self.prefix) + len("/cmd/") :]
