@@ -55,11 +55,14 @@ def secure(client: mqtt.Client, cfg: MqttConfig) -> None:
 
 
 class Link:
-    """One MQTT connection, kept up by paho's network thread with reconnect back-off.
+    """The station's MQTT connection, kept up with reconnect back-off by a thread of its own.
 
-    Verdicts are only handed to paho while connected; what cannot go out live stays
-    unpublished in the journal and goes out later on P/backlog. `on_delivered(seq)` is
-    called (from paho's thread) when the broker acknowledged the message carrying that record.
+    Each connection gets a fresh paho client. paho re-sends the QoS 1 messages a client still
+    holds when it reconnects, which would deliver live verdicts minutes late after an
+    outage; a client that is thrown away with its connection cannot. A verdict that was not
+    acknowledged stays unpublished in the journal and goes out once on P/backlog instead.
+    `on_delivered(seq)` is called (from the network thread) when the broker acknowledged the
+    message carrying that journal record.
     """
 
     def __init__(
@@ -70,35 +73,39 @@ class Link:
         on_delivered: OnDelivered,
     ) -> None:
         self.cfg = cfg
+        self.client_id = client_id
         self.prefix = cfg.prefix.rstrip("/")
         self._on_command = on_command
         self._on_delivered = on_delivered
         self._lock = threading.Lock()
-        self._inflight: dict[int, int] = {}  # paho message id -> journal seq
+        self._inflight: dict[int, int] = {}  # paho message id -> journal seq, this connection
+        self._acked_early: dict[int, bool] = {}  # message id -> delivered, before registration
         self._status = b"online"
         self._state: dict[str, Any] = {}
         self.connected = threading.Event()
         self.connects = 0
         self.last_error: str | None = None
-        self._stopping = False
-        v5 = cfg.protocol == "5"
-        self._v5 = v5
-        self.client = mqtt.Client(
+        self._stopping = threading.Event()
+        self._v5 = cfg.protocol == "5"
+        self._thread: threading.Thread | None = None
+        self.client = self._new_client()
+
+    def _new_client(self) -> mqtt.Client:
+        c = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            reconnect_on_failure=False,  # our thread reconnects, with a new client
         )
-        c = self.client
         c.enable_logger(logging.getLogger("paho"))
-        c.max_queued_messages_set(cfg.max_queued)
-        c.reconnect_delay_set(round(cfg.reconnect_min_s) or 1, round(cfg.reconnect_max_s) or 1)
+        c.max_queued_messages_set(self.cfg.max_queued)
         c.will_set(self.topic("status"), b"offline", qos=1, retain=True)
-        secure(c, cfg)
+        secure(c, self.cfg)
         c.on_connect = self._connected
         c.on_disconnect = self._disconnected
         c.on_publish = self._published
         c.on_message = self._message
-        c.on_connect_fail = self._connect_failed
+        return c
 
     def topic(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -106,9 +113,38 @@ class Link:
     # --- lifecycle ---
 
     def start(self) -> None:
-        """Connect in the background; paho's thread reconnects with back-off from here on."""
-        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
-        self.client.loop_start()
+        """Connect in the background and keep reconnecting, with back-off, until stop()."""
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        delay = self.cfg.reconnect_min_s
+        where = f"{self.cfg.host}:{self.cfg.port}"
+        while not self._stopping.is_set():
+            client = self.client
+            try:
+                client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+            except (OSError, ValueError) as exc:
+                error = f"cannot reach broker {where}: {exc}"
+                if error != self.last_error:
+                    log.warning(
+                        "%s; retrying every %g-%g s",
+                        error,
+                        self.cfg.reconnect_min_s,
+                        self.cfg.reconnect_max_s,
+                    )
+                self.last_error = error
+            else:
+                client.loop_forever()  # returns when the connection ends
+                if self.connects and self.last_error is None:
+                    delay = self.cfg.reconnect_min_s  # it was up: start the back-off afresh
+            if self._stopping.wait(delay):
+                break
+            delay = min(delay * 2, self.cfg.reconnect_max_s)
+            with self._lock:
+                self._inflight.clear()  # unacknowledged records go out on the backlog
+                self._acked_early.clear()
+                self.client = self._new_client()
 
     def stop(self, timeout_s: float = 3.0) -> None:
         """Publish offline, wait for it to be delivered (bounded), disconnect."""
@@ -119,19 +155,24 @@ class Link:
                 info.wait_for_publish(timeout_s)
             except (RuntimeError, ValueError) as exc:
                 log.warning("offline status not confirmed: %s", exc)
-        self._stopping = True  # what follows is our own disconnect, not a lost broker
-        # paho 2.2 logs "Client is not connected" at ERROR after every clean disconnect that
-        # its loop_start thread carries out; nothing is wrong by then, so it must not show.
+        self._stopping.set()  # what follows is our own disconnect, not a lost broker
+        # paho 2.2 logs "Client is not connected" at ERROR after a clean disconnect; nothing
+        # is wrong by then, so it must not show.
         self.client.disable_logger()
         self.client.disconnect()
-        self.client.loop_stop()
+        if self._thread is not None:
+            self._thread.join(timeout_s + 2)
 
-    # --- paho callbacks (paho's thread) ---
+    # --- paho callbacks (the network thread) ---
 
     def _connected(self, client: mqtt.Client, _u: object, _f: object, rc: Any, _p: object) -> None:
         if rc.is_failure:
             self.last_error = f"broker {self.cfg.host}:{self.cfg.port} refused the connection: {rc}"
             log.error("%s", self.last_error)
+            client.disconnect()
+            return
+        if self._stopping.is_set():  # stop() came while this connection was being made
+            client.disconnect()
             return
         self.connects += 1
         self.last_error = None
@@ -144,23 +185,25 @@ class Link:
         self.connected.set()
 
     def _disconnected(self, _c: mqtt.Client, _u: object, _f: object, rc: Any, _p: object) -> None:
-        if self.connected.is_set() and not self._stopping:
+        if self.connected.is_set() and not self._stopping.is_set():
             log.warning(
                 "lost the broker %s:%s (%s); reconnecting", self.cfg.host, self.cfg.port, rc
             )
         self.connected.clear()
 
-    def _connect_failed(self, _c: mqtt.Client, _u: object) -> None:
-        self.last_error = f"cannot reach broker {self.cfg.host}:{self.cfg.port}"
-
     def _published(self, _c: mqtt.Client, _u: object, mid: int, rc: Any, _p: object) -> None:
-        # Mark the record delivered before it leaves _inflight, so the backlog flush (which
-        # skips in-flight records) can never see it as neither in flight nor delivered.
+        # paho calls this holding its own lock, which publish() also takes: never call paho
+        # from here, and never hold self._lock around a paho call elsewhere.
         with self._lock:
             seq = self._inflight.get(mid)
-            if seq is not None and not rc.is_failure:
+            if seq is None:  # acknowledged before _send() could register it
+                self._acked_early[mid] = not rc.is_failure
+                return
+            # Delivered before it leaves _inflight, so the backlog flush (which skips
+            # in-flight records) never sees it as neither in flight nor delivered.
+            if not rc.is_failure:
                 self._on_delivered(seq)
-            self._inflight.pop(mid, None)
+            del self._inflight[mid]
 
     def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         name = msg.topic[len(self.prefix) + len("/cmd/") :]
@@ -173,11 +216,15 @@ class Link:
         if self._v5 and expiry_s:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.MessageExpiryInterval = expiry_s
+        info = self.client.publish(self.topic(topic), _dumps(doc), qos=1, properties=props)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
         with self._lock:
-            info = self.client.publish(self.topic(topic), _dumps(doc), qos=1, properties=props)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                return False
-            self._inflight[info.mid] = seq
+            acked = self._acked_early.pop(info.mid, None)
+            if acked is None:
+                self._inflight[info.mid] = seq
+            elif acked:
+                self._on_delivered(seq)
         return True
 
     def inflight_seqs(self) -> set[int]:
