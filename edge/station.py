@@ -34,6 +34,7 @@ SOURCE_RETRY_MIN_S = 0.5
 SOURCE_RETRY_MAX_S = 10.0
 SOURCE_REOPEN_AFTER = 3
 LATENCY_WINDOW = 1000  # verdicts the stats percentiles are taken over
+MODEL_POLL_S = 1.0  # how often the model file is looked at for a new version
 
 
 class _Command(BaseModel):
@@ -130,6 +131,10 @@ class Station:
         self._last_frame: Frame | None = None
         self._ok_count = 0
         self._source_failures = 0
+        self._loader: threading.Thread | None = None
+        self._candidates: queue.Queue[Model | str] = queue.Queue()
+        st = cfg.model.path.stat()
+        self._model_sig = self._seen_sig = (st.st_mtime_ns, st.st_size)
         self.link: Link | None = None
         if cfg.mqtt.enabled:
             self.link = Link(
@@ -171,13 +176,19 @@ class Station:
             self.source.name,
         )
         next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
+        next_watch = time.monotonic() + MODEL_POLL_S
         period = 1.0 / self.cfg.trigger.rate_hz if self.cfg.trigger.rate_hz else 0.0
         next_frame = time.monotonic()
         try:
             while not self._stop.is_set():
                 self.notifier.ping()
                 trigger = self._handle_commands()
-                if time.monotonic() >= next_stats:
+                self._swap_model()
+                now = time.monotonic()
+                if now >= next_watch:
+                    next_watch = now + MODEL_POLL_S
+                    self._watch_model_file()
+                if now >= next_stats:
                     next_stats += self.cfg.mqtt.stats_interval_s
                     self._publish_stats()
                 self._flush_backlog()
@@ -247,29 +258,71 @@ class Station:
         if self.link:
             self.link.publish_error(command, why)
 
-    def reload(self) -> bool:
-        """Load the model file again; swap only if it loads and runs on the last frame."""
+    def reload(self, why: str = "reload command") -> None:
+        """Load the model file again in the background; it replaces the running model between
+        two frames only if it loads, is ours, takes the camera's frames and runs on the last
+        one. Otherwise the old model keeps running and the reason goes out on P/error."""
+        if self._loader is not None and self._loader.is_alive():
+            self._refuse("reload", "a model is already being loaded")
+            return
+        reference = self._last_frame.image.copy() if self._last_frame is not None else None
+        self._loader = threading.Thread(
+            target=self._load_candidate, args=(reference, why), name="model-loader", daemon=True
+        )
+        self._loader.start()
+
+    def _load_candidate(self, reference: np.ndarray | None, why: str) -> None:
         path = self.cfg.model.path
         try:
             model = Model(
                 path, threads=self.cfg.model.threads, providers=list(self.cfg.model.providers)
             )
-            if self._last_frame is not None:
-                model.run(self._last_frame.image)
+            if reference is not None:
+                model.run(reference)
+            self._candidates.put(model)
         except (ModelError, ValueError) as exc:
-            self._refuse("reload", f"model {path} not loaded, still running {self.model.id}: {exc}")
-            return False
-        old, self.model = self.model.id, model
-        log.info("model %s replaced by %s", old, model.id)
+            self._candidates.put(
+                f"new model not taken ({why}): {exc}; still running {self.model.id}"
+            )
+
+    def _swap_model(self) -> None:
+        """Between frames: take a model the loader has checked, or report why it failed."""
+        try:
+            candidate = self._candidates.get_nowait()
+        except queue.Empty:
+            return
+        if isinstance(candidate, str):
+            self._refuse("reload", candidate)
+            return
+        old, self.model = self.model, candidate
+        log.info("model %s replaced by %s (sha256 %s)", old.id, candidate.id, candidate.sha256)
         self._set_status(self.status, self.reason)
-        return True
+
+    def _watch_model_file(self) -> None:
+        """Reload when the model file changed and has stayed the same for one poll (so a file
+        that is still being written is not taken)."""
+        try:
+            st = self.cfg.model.path.stat()
+        except OSError:
+            return
+        sig = (st.st_mtime_ns, st.st_size)
+        if sig != self._model_sig and sig == self._seen_sig:
+            self._model_sig = sig  # tried once per change, whether it loads or not
+            self.reload("model file changed")
+        self._seen_sig = sig
 
     def _set_status(self, status: str, reason: str) -> None:
         if (status, reason) != (self.status, self.reason):
             log.info("status %s%s", status, f": {reason}" if reason else "")
         self.status, self.reason = status, reason
         if self.link:
-            self.link.set_status(status, reason, model_id=self.model.id, source=self.source.name)
+            self.link.set_status(
+                status,
+                reason,
+                model_id=self.model.id,
+                model_sha256=self.model.sha256,
+                source=self.source.name,
+            )
         self.notifier.status(f"{status}{': ' + reason if reason else ''}")
 
     def _publish_stats(self) -> None:

@@ -267,7 +267,8 @@ def test_reload_of_a_broken_model_keeps_the_old_one(
     old = sub.wait_for("verdict").json()["model_id"]
     model_file.write_bytes(b"\x08\x01not a model")
     sub.publish("rl/cmd/reload", "{}")
-    assert "not loaded, still running" in sub.wait_for("error").json()["error"]
+    error = sub.wait_for("error").json()["error"]
+    assert "current.onnx is not a readable ONNX file" in error and "still running" in error
     n = len(sub.on("verdict"))
     later = sub.wait_for("verdict", lambda m: len(sub.on("verdict")) > n + 2).json()
     assert later["model_id"] == old == station.model.id
@@ -483,3 +484,74 @@ def test_camera_fault_degrades_then_recovers_by_itself(
     finally:
         station.stop()
         thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory: pytest.TempPathFactory, parts: Path) -> dict[str, Path]:
+    """A second good model (fewer images) and one trained on another image size."""
+    import cv2
+
+    from edge.train import train
+
+    root = tmp_path_factory.mktemp("other-models")
+    fewer = root / "fewer" / "normal"
+    small = root / "small" / "normal"
+    fewer.mkdir(parents=True)
+    small.mkdir(parents=True)
+    for p in sorted((parts / "train" / "normal").iterdir())[:14]:
+        shutil.copy(p, fewer / p.name)
+        cv2.imwrite(str(small / p.name), cv2.resize(cv2.imread(str(p)), (120, 90)))
+    train(fewer.parent, root / "fewer.onnx")
+    train(small.parent, root / "small.onnx")
+    return {"fewer": root / "fewer.onnx", "small": root / "small.onnx"}
+
+
+def test_model_dropped_in_place_replaces_the_running_one_between_frames(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    other_models: dict[str, Path],
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    sub = subscribe("drop/#")
+    station = run_station(write_config(tmp_path, model_file, replay, broker, "drop"))
+    old = sub.wait_for("verdict").json()["model_id"]
+    # Written the slow way (not renamed into place): the station must wait for the whole file.
+    data = other_models["fewer"].read_bytes()
+    with model_file.open("wb") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        time.sleep(0.3)
+        f.write(data[len(data) // 2 :])
+    new = sub.wait_for("verdict", lambda m: m.json()["model_id"] != old, timeout=20).json()
+    assert new["model_id"] == station.model.id != old
+    state = sub.wait_for("state", lambda m: m.json().get("model_id") == new["model_id"]).json()
+    assert state["model_sha256"].startswith(new["model_id"])
+    assert sub.on("error") == [], "a file still being written is not taken, so nothing fails"
+    # Between frames: every verdict carries exactly one of the two ids, in one switch.
+    ids = [m.json()["model_id"] for m in sub.on("verdict")]
+    switch = ids.index(new["model_id"])
+    assert set(ids[:switch]) == {old} and set(ids[switch:]) == {new["model_id"]}
+
+
+def test_model_for_another_image_size_is_refused_and_the_old_one_keeps_running(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    other_models: dict[str, Path],
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    sub = subscribe("size/#")
+    station = run_station(write_config(tmp_path, model_file, replay, broker, "size"))
+    old = sub.wait_for("verdict").json()["model_id"]
+    shutil.copy(other_models["small"], model_file.with_name("tmp.onnx"))
+    os.replace(model_file.with_name("tmp.onnx"), model_file)
+    error = sub.wait_for("error", timeout=20).json()
+    assert "trained on 120x90" in error["error"] and old in error["error"]
+    n = len(sub.on("verdict"))
+    later = sub.wait_for("verdict", lambda m: len(sub.on("verdict")) > n + 3).json()
+    assert later["model_id"] == old == station.model.id
