@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from types import FrameType
 from typing import Any
 
@@ -131,6 +132,7 @@ class Station:
         self._last_frame: Frame | None = None
         self._ok_count = 0
         self._source_failures = 0
+        self._journal_failed = False
         self._loader: threading.Thread | None = None
         self._candidates: queue.Queue[Model | str] = queue.Queue()
         st = cfg.model.path.stat()
@@ -407,14 +409,21 @@ class Station:
         record: Record | None = None
         try:
             record = self.journal.append(**fields)
+            if self._journal_failed:
+                self._journal_failed = False
+                self._set_status("online", "")
         except JournalError as exc:
+            self._journal_failed = True
             self._set_status("degraded", str(exc))
         self.stats.add(latency_ms, detection.is_anomalous, over)
         if self.link:
             if record is not None:
                 self.link.publish_verdict(record.payload(), record.seq)
-            else:  # no journal: still tell the line
-                self.link.publish_verdict({**fields, "seq": None}, -1)
+            else:  # no journal: the line is still told, without a record number
+                iso = datetime.fromtimestamp(frame.wall, timezone.utc).isoformat(
+                    timespec="milliseconds"
+                )
+                self.link.publish_verdict({"seq": None, "time": iso, **fields}, -1)
         self._save(frame, detection, record)
 
     def _save(self, frame: Frame, detection: Any, record: Record | None) -> None:

@@ -555,3 +555,64 @@ def test_model_for_another_image_size_is_refused_and_the_old_one_keeps_running(
     n = len(sub.on("verdict"))
     later = sub.wait_for("verdict", lambda m: len(sub.on("verdict")) > n + 3).json()
     assert later["model_id"] == old == station.model.id
+
+
+def test_unwritable_journal_is_reported_and_verdicts_keep_coming(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    sub = subscribe("full/#")
+    station = run_station(write_config(tmp_path, model_file, replay, broker, "full"))
+    sub.wait_for("verdict")
+    # SQLite's own "disk is full": cap the database at the pages it already has.
+    with station.journal._lock:
+        pages = station.journal._conn.execute("PRAGMA page_count").fetchone()[0]
+        station.journal._conn.execute(f"PRAGMA max_page_count = {pages}")
+    state = sub.wait_for("state", lambda m: m.json()["status"] == "degraded", timeout=20).json()
+    assert "journal" in state["reason"] and "full" in state["reason"]
+    unjournaled = sub.wait_for("verdict", lambda m: m.json()["seq"] is None, timeout=20).json()
+    assert unjournaled["verdict"] in ("ok", "ng") and unjournaled["model_id"] == station.model.id
+    with station.journal._lock:
+        station.journal._conn.execute("PRAGMA max_page_count = 1073741823")
+    sub.wait_for("status", lambda m: m.payload == b"online" and m.received > time.time() - 5)
+    assert sub.wait_for(
+        "verdict", lambda m: m.json()["seq"] is not None and m.received > time.time() - 2
+    )
+
+
+def test_saved_frames_stay_within_the_quota_oldest_first(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    sub = subscribe("quota/#")
+    config = write_config(
+        tmp_path,
+        model_file,
+        replay,
+        broker,
+        "quota",
+        source={"fps": 40},
+        storage={"quota_mb": 0.15, "save_ok_every": 1},
+    )
+    station = run_station(config)
+    sub.wait_for("verdict", lambda m: len(sub.on("verdict")) >= 60, timeout=30)
+    station.stop()
+    sub.wait_for("status", lambda m: m.payload == b"offline")
+    frames = tmp_path / "state" / "frames"
+    files = [p for p in frames.rglob("*.jpg")]
+    assert sum(p.stat().st_size for p in files) <= 0.15e6
+    journal = Journal(tmp_path / "state" / "journal.sqlite")
+    records = journal.recent(limit=1000)
+    kept = [r for r in records if r.frame_path]
+    assert kept and all((tmp_path / "state" / r.frame_path).is_file() for r in kept)
+    # The newest records kept their frames; the oldest lost theirs (and the journal knows).
+    assert records[0].frame_path is not None
+    assert records[-1].frame_path is None
