@@ -180,10 +180,10 @@ def main() -> int:
     print(f"| journal records | {len(journal)} |")
     print(f"| live verdicts / backlog | {len(got['verdict'])} / {len(got['backlog'])} |")
     print(
-        f"| RSS after warm-up -> end | {warm[0][1]:.1f} -> {warm[-1][1]:.1f} MB "
+        f"| RSS after warm-up -> end | {rss_start:.1f} -> {rss_end:.1f} MB "
         f"({100 * rss_growth:+.1f} %) |"
     )
-    print(f"| open fds after warm-up -> end | {warm[0][2]} -> {warm[-1][2]} |")
+    print(f"| open fds after warm-up -> end | {fd_start} -> {fd_end} |")
     for name, ok in checks.items():
         print(f"| {name} | {'yes' if ok else 'NO'} |")
     if not all(checks.values()):
