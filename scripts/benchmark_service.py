@@ -61,6 +61,26 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def prepare(work: Path, data: Path | None) -> tuple[Path, Path]:
+    """Train the default model on data/train (synthetic 640x480 parts when data is None) and
+    put data/test's images, good and bad mixed, in a replay folder: (model, replay)."""
+    if data is None:
+        counts = {"train/normal": 20, "test/normal": 30, "test/anomaly": 10}
+        data = make_demo_data.write_dataset(work / "data", "part", counts, 640, 480)
+    replay = work / "replay"
+    replay.mkdir()
+    for i, p in enumerate(sorted((data / "test").glob("*/*"))):
+        shutil.copy(p, replay / f"{i:05d}{p.suffix}")
+    model = work / "model.onnx"
+    subprocess.run(
+        [sys.executable, "-m", "edge.cli", "train", str(data / "train"), "-o", str(model)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return model, replay
+
+
 def run_rate(model: Path, replay: Path, fps: float, seconds: float, work: Path) -> dict[str, float]:
     broker, port = start_broker(work)
     state = work / f"state-{fps:g}"
@@ -144,21 +164,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = args.data
-        if data is None:
-            counts = {"train/normal": 20, "test/normal": 30, "test/anomaly": 10}
-            data = make_demo_data.write_dataset(work / "data", "part", counts, 640, 480)
-        replay = work / "replay"
-        replay.mkdir()
-        for i, p in enumerate(sorted((data / "test").glob("*/*"))):
-            shutil.copy(p, replay / f"{i:05d}{p.suffix}")
-        model = work / "model.onnx"
-        subprocess.run(
-            [sys.executable, "-m", "edge.cli", "train", str(data / "train"), "-o", str(model)],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        model, replay = prepare(work, args.data)
         rows = []
         for rate in args.rates.split(","):
             fps = 1000.0 if rate == "max" else float(rate)

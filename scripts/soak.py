@@ -33,8 +33,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).parent))
-import make_demo_data
-from benchmark_service import free_port
+from benchmark_service import free_port, prepare
 
 
 class Broker:
@@ -76,19 +75,7 @@ def main() -> int:
     parser.add_argument("--outage-s", type=float, default=20)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edge-soak-"))
-    counts = {"train/normal": 20, "test/normal": 30, "test/anomaly": 10}
-    data = make_demo_data.write_dataset(work / "data", "part", counts, 640, 480)
-    replay = work / "replay"
-    replay.mkdir()
-    for i, p in enumerate(sorted((data / "test").glob("*/*"))):
-        shutil.copy(p, replay / f"{i:05d}.png")
-    model = work / "model.onnx"
-    subprocess.run(
-        [sys.executable, "-m", "edge.cli", "train", str(data / "train"), "-o", str(model)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    model, replay = prepare(work, None)
     broker = Broker(work)
     broker.start()
     config = work / "config.toml"
