@@ -59,6 +59,8 @@ def parse_command(name: str, payload: bytes, token: str | None) -> _Command:
         doc = json.loads(payload.decode("utf-8")) if payload.strip() else {}
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ValueError("payload is not UTF-8 JSON") from None
+    except RecursionError:  # "[[[[...": deep enough to exhaust the parser
+        raise ValueError("payload is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ValueError('payload must be a JSON object, e.g. {"part_id": "A123"}')
     kind = TriggerCommand if name == "trigger" else _Command

@@ -228,6 +228,7 @@ def test_pause_resume_and_reload_commands(
         ("trigger", "[1, 2]", "JSON object"),
         ("shutdown", "{}", "unknown command"),
         ("pause", "x" * 5000, "over the 4096-byte limit"),
+        ("trigger", "[" * 2000 + "]" * 2000, "nested too deeply"),
     ],
 )
 def test_bad_commands_are_answered_on_error_and_change_nothing(
