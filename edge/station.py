@@ -136,7 +136,8 @@ class Station:
         self._source_failures = 0
         self._journal_failed = False
         self._loader: threading.Thread | None = None
-        self._candidates: queue.Queue[Model | str] = queue.Queue()
+        # Checked models (with the file's mtime and size when read), or why one failed.
+        self._candidates: queue.Queue[tuple[Model, tuple[int, int]] | str] = queue.Queue()
         st = cfg.model.path.stat()
         self._model_sig = self._seen_sig = (st.st_mtime_ns, st.st_size)
         self.link: Link | None = None
@@ -278,13 +279,14 @@ class Station:
     def _load_candidate(self, reference: np.ndarray | None, why: str) -> None:
         path = self.cfg.model.path
         try:
+            st = path.stat()
             model = Model(
                 path, threads=self.cfg.model.threads, providers=list(self.cfg.model.providers)
             )
             if reference is not None:
                 model.run(reference)
-            self._candidates.put(model)
-        except (ModelError, ValueError) as exc:
+            self._candidates.put((model, (st.st_mtime_ns, st.st_size)))
+        except (ModelError, ValueError, OSError) as exc:
             self._candidates.put(
                 f"new model not taken ({why}): {exc}; still running {self.model.id}"
             )
@@ -298,8 +300,10 @@ class Station:
         if isinstance(candidate, str):
             self._refuse("reload", candidate)
             return
-        old, self.model = self.model, candidate
-        log.info("model %s replaced by %s (sha256 %s)", old.id, candidate.id, candidate.sha256)
+        model, sig = candidate
+        old, self.model = self.model, model
+        self._model_sig = sig  # the file watcher need not load this version again
+        log.info("model %s replaced by %s (sha256 %s)", old.id, model.id, model.sha256)
         self._set_status(self.status, self.reason)
 
     def _watch_model_file(self) -> None:
