@@ -1,0 +1,96 @@
+"""Config files with mistakes: each gives one line naming the key path and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge.config import ConfigError, load_config, parse_config
+
+GOOD = '[model]\npath = "m.onnx"\n[source]\nkind = "folder"\npath = "frames"\n'
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "station.toml")
+    return info.value.problems
+
+
+def test_a_minimal_config_is_valid_and_defaults_are_safe() -> None:
+    cfg = parse_config(GOOD)
+    assert cfg.model.threads == 1 and cfg.model.providers == ["CPUExecutionProvider"]
+    assert cfg.mqtt.protocol == "5" and not cfg.mqtt.tls.insecure
+    assert cfg.trigger.mode == "free" and cfg.client_id == "edge-inspect-station"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (GOOD + "[station]\nbudgt_ms = 5\n", "station.budgt_ms: unknown key (misspelt?)"),
+        (GOOD + "[stations]\nname = 'x'\n", "stations: unknown key"),
+        ('[source]\nkind = "folder"\npath = "f"\n', "model: required key is missing"),
+        (GOOD.replace('kind = "folder"', 'kind = "webcam"'), "source: Input tag 'webcam'"),
+        (GOOD + "[station]\nbudget_ms = -1\n", "station.budget_ms: Input should be greater than 0"),
+        (
+            GOOD + "[station]\nbudget_ms = 'fast'\n",
+            "station.budget_ms: Input should be a valid number",
+        ),
+        (
+            GOOD.replace('path = "frames"', 'path = "f"\nfps = 0'),
+            "source.fps: Input should be greater",
+        ),
+        (GOOD + "[mqtt]\nport = 70000\n", "mqtt.port: Input should be less than or equal to 65535"),
+        (
+            GOOD + "[mqtt]\nprefix = 'line/+/st'\n",
+            "mqtt: prefix 'line/+/st' must not hold wildcards",
+        ),
+        (GOOD + "[mqtt]\npassword_file = '/p'\n", "mqtt: a password needs a username"),
+        (
+            GOOD + "[mqtt]\nusername = 'u'\npassword_file = '/p'\npassword_credential = 'c'\n",
+            "mqtt: give password_file or password_credential, not both",
+        ),
+        (GOOD + "[mqtt.tls]\ncert_file = '/c'\n", "mqtt.tls: cert_file and key_file go together"),
+        (GOOD + "[model]\nthreads = 2\n", "not valid TOML"),  # section given twice
+        ("[model\npath = 1", "not valid TOML"),
+        (
+            GOOD + "[trigger]\nmode = 'sometimes'\n",
+            "trigger.mode: Input should be 'free' or 'triggered'",
+        ),
+    ],
+)
+def test_each_mistake_is_one_line_with_its_key_path(text: str, expected: str) -> None:
+    found = problems(text)
+    assert any(expected in p for p in found), found
+    assert all(p.startswith("station.toml: ") and "\n" not in p for p in found)
+
+
+def test_every_problem_is_reported_not_just_the_first() -> None:
+    text = GOOD + "[station]\nbudget_ms = 0\nnmae = 'x'\n[mqtt]\nport = 0\n"
+    found = problems(text)
+    assert len(found) == 3
+
+
+def test_missing_and_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=r"binary\.toml cannot be read"):
+        load_config(binary)
+
+
+def test_password_comes_from_a_file_or_a_systemd_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "pw").write_text("s3cret\n")
+    cfg = parse_config(GOOD + f"[mqtt]\nusername = 'u'\npassword_file = '{tmp_path / 'pw'}'\n")
+    assert cfg.mqtt.password() == "s3cret"
+    assert "s3cret" not in repr(cfg)
+    cred = parse_config(GOOD + "[mqtt]\nusername = 'u'\npassword_credential = 'mqtt-password'\n")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY is not set"):
+        cred.mqtt.password()
+    (tmp_path / "mqtt-password").write_text("from-systemd")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert cred.mqtt.password() == "from-systemd"
