@@ -146,7 +146,10 @@ class MqttConfig(_Section):
         1000, ge=10, description="Messages paho may hold while the broker is away (bounds memory)"
     )
     command_token: str | None = Field(
-        None, description="If set, commands must carry this token (prefer command_token_file)"
+        None,
+        min_length=8,
+        repr=False,
+        description='If set, every command must carry it as "token" (a shared secret, 8+ chars)',
     )
 
     @model_validator(mode="after")

@@ -135,7 +135,13 @@ class Link:
                     )
                 self.last_error = error
             else:
-                client.loop_forever()  # returns when the connection ends
+                # paho's own thread does all socket I/O (a publish from the station's thread
+                # only queues); two threads writing one TLS socket corrupt the stream.
+                ended = threading.Event()
+                client.user_data_set(ended)
+                client.loop_start()
+                ended.wait()  # set by _disconnected, for this connection only
+                client.loop_stop()
                 if self.connects and self.last_error is None:
                     delay = self.cfg.reconnect_min_s  # it was up: start the back-off afresh
             if self._stopping.wait(delay):
@@ -167,8 +173,11 @@ class Link:
 
     def _connected(self, client: mqtt.Client, _u: object, _f: object, rc: Any, _p: object) -> None:
         if rc.is_failure:
-            self.last_error = f"broker {self.cfg.host}:{self.cfg.port} refused the connection: {rc}"
-            log.error("%s", self.last_error)
+            error = f"broker {self.cfg.host}:{self.cfg.port} refused the connection: {rc}"
+            if error != self.last_error:  # once per change, not on every retry
+                log.error("%s", error)
+            self.last_error = error
+            client.disable_logger()  # paho's "not connected" after this disconnect is expected
             client.disconnect()
             return
         if self._stopping.is_set():  # stop() came while this connection was being made
@@ -184,12 +193,14 @@ class Link:
             client.publish(self.topic("state"), _dumps(self._state), qos=1, retain=True)
         self.connected.set()
 
-    def _disconnected(self, _c: mqtt.Client, _u: object, _f: object, rc: Any, _p: object) -> None:
+    def _disconnected(self, _c: mqtt.Client, ended: Any, _f: object, rc: Any, _p: object) -> None:
         if self.connected.is_set() and not self._stopping.is_set():
             log.warning(
                 "lost the broker %s:%s (%s); reconnecting", self.cfg.host, self.cfg.port, rc
             )
         self.connected.clear()
+        if isinstance(ended, threading.Event):
+            ended.set()
 
     def _published(self, _c: mqtt.Client, _u: object, mid: int, rc: Any, _p: object) -> None:
         # paho calls this holding its own lock, which publish() also takes: never call paho

@@ -63,16 +63,23 @@ def parse_command(name: str, payload: bytes, token: str | None) -> _Command:
         raise ValueError("payload is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ValueError('payload must be a JSON object, e.g. {"part_id": "A123"}')
+    # The token first: without it, a sender learns nothing more about the payload's rules.
+    if token is not None:
+        given = doc.get("token")
+        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
+            raise ValueError("missing or wrong token")
     kind = TriggerCommand if name == "trigger" else _Command
     try:
-        cmd = kind.model_validate(doc)
+        return kind.model_validate(doc)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "payload"
-        raise ValueError(f"{where}: {err['msg']}") from None
-    if token is not None and not hmac.compare_digest((cmd.token or "").encode(), token.encode()):
-        raise ValueError("missing or wrong token")
-    return cmd
+        # Keys come from the sender: quoted and cut short, so they cannot forge log lines.
+        where = ".".join(str(p) for p in err["loc"])[:64] or "payload"
+        if err["type"] == "extra_forbidden":
+            raise ValueError(
+                f"unknown key {where!r}; {name} takes {', '.join(kind.model_fields)}"
+            ) from None
+        raise ValueError(f"{where!r}: {err['msg']}") from None
 
 
 @dataclass

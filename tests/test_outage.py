@@ -7,8 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import Broker, Subscriber
-from test_station import write_config
+from conftest import Broker, Subscriber, write_config
 
 from edge.config import load_config
 from edge.journal import Journal

@@ -11,12 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Broker, Subscriber
+from conftest import Broker, Subscriber, write_config
 
 from edge.config import load_config
 from edge.journal import Journal
@@ -41,49 +41,6 @@ VERDICT_FIELDS = {
 }
 
 
-def write_config(
-    tmp: Path, model: Path, replay: Path, broker: Broker, prefix: str, **sections: dict[str, object]
-) -> Path:
-    """A config file for a station replaying `replay` and publishing under `prefix`."""
-    base: dict[str, dict[str, object]] = {
-        "station": {"name": "test", "budget_ms": 500, "state_dir": str(tmp / "state")},
-        "model": {"path": str(model)},
-        "source": {"kind": "folder", "path": str(replay), "fps": 20},
-        "trigger": {"mode": "free"},
-        "mqtt": {
-            "host": broker.host,
-            "port": broker.port,
-            "prefix": prefix,
-            "stats_interval_s": 0.5,
-            "reconnect_min_s": 1,
-            "reconnect_max_s": 2,
-        },
-        "storage": {"quota_mb": 5, "save_ok_every": 5},
-    }
-    for name, values in sections.items():
-        base[name] = {**base.get(name, {}), **values}
-    lines = []
-    for name, values in base.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path = tmp / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture
-def replay(tmp_path: Path, parts: Path) -> Path:
-    """Good and defective parts in one folder, as a camera would see them pass."""
-    folder = tmp_path / "replay"
-    folder.mkdir()
-    goods = sorted((parts / "test" / "normal").iterdir())
-    bads = sorted((parts / "test" / "anomaly").iterdir())
-    for i, (g, b) in enumerate(zip(goods, bads, strict=False)):
-        shutil.copy(g, folder / f"{i:03d}a-{g.name}")
-        shutil.copy(b, folder / f"{i:03d}b-{b.name}")
-    return folder
-
-
 @pytest.fixture
 def model_file(tmp_path: Path, parts_model: Path) -> Path:
     """A copy of the trained model that a test may replace (reload tests)."""
@@ -91,25 +48,6 @@ def model_file(tmp_path: Path, parts_model: Path) -> Path:
     path.parent.mkdir()
     shutil.copy(parts_model, path)
     return path
-
-
-@pytest.fixture
-def run_station() -> Iterator[Callable[[Path], Station]]:
-    """Start a Station in a thread; it is stopped (cleanly) at the end of the test."""
-    started: list[tuple[Station, threading.Thread]] = []
-
-    def start(config: Path) -> Station:
-        station = Station(load_config(config))
-        thread = threading.Thread(target=station.run, daemon=True)
-        thread.start()
-        started.append((station, thread))
-        return station
-
-    yield start
-    for station, thread in started:
-        station.stop()
-        thread.join(10)
-        assert not thread.is_alive(), "the station did not stop"
 
 
 def test_free_run_publishes_every_verdict_with_every_field(
