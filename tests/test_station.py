@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -555,3 +556,16 @@ def test_saved_frames_stay_within_the_quota_oldest_first(
     # The newest records kept their frames; the oldest lost theirs (and the journal knows).
     assert records[0].frame_path is not None
     assert records[-1].frame_path is None
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd is not installed")
+def test_unit_sandbox_exposure_is_3_or_less(tmp_path: Path) -> None:
+    unit = Path(__file__).parent.parent / "deploy" / "systemd" / "edge-inspect.service"
+    r = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout + r.stderr)
+    assert found, r.stdout[-2000:] + r.stderr
+    assert float(found.group(1)) <= 3.0
