@@ -347,6 +347,7 @@ class Station:
             "model_id": self.model.id,
             "status": self.status,
             "backlog": self.journal.counts()["unpublished"],
+            "broker_connects": self.link.connects if self.link else 0,
         }
         if self.link:
             self.link.publish_stats(doc)
@@ -366,7 +367,10 @@ class Station:
         self._source_failures += 1
         self._set_status("degraded", str(exc))
         delay = min(SOURCE_RETRY_MIN_S * 2 ** (self._source_failures - 1), SOURCE_RETRY_MAX_S)
-        self._stop.wait(delay)
+        end = time.monotonic() + delay
+        while (left := end - time.monotonic()) > 0 and not self._stop.is_set():
+            self.notifier.ping()  # the loop is alive, only the camera is not
+            self._stop.wait(min(left, 1.0))
         if self._source_failures % SOURCE_REOPEN_AFTER == 0 and not self._stop.is_set():
             log.warning(
                 "reopening source %s after %d failures", self.source.name, self._source_failures

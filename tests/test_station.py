@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -402,8 +403,26 @@ def test_camera_fault_degrades_then_recovers_by_itself(
     broker: Broker,
     garbage: bool,
     subscribe: Callable[[str], Subscriber],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sub = subscribe("cam/#")
+    # systemd's side of the watchdog: a datagram socket that records every ping's time.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(0.5)
+    pings: list[float] = []
+
+    def listen() -> None:
+        while not done.is_set():
+            try:
+                if b"WATCHDOG=1" in notify.recv(4096):
+                    pings.append(time.monotonic())
+            except TimeoutError:
+                pass
+
+    done = threading.Event()
+    threading.Thread(target=listen, daemon=True).start()
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     config = load_config(write_config(tmp_path, model_file, replay, broker, "cam"))
     source = FlakySource(sorted(replay.iterdir())[:4], failures=4, garbage=garbage)
     station = Station(config, source=source)
@@ -421,7 +440,11 @@ def test_camera_fault_degrades_then_recovers_by_itself(
         assert source.opens >= 2, "the source was reopened after repeated failures"
         stats = sub.wait_for("stats", lambda m: m.json()["source_errors"] >= 4).json()
         assert stats["source_errors"] == 4
+        # Through 7.5 s of back-off the loop kept pinging: the watchdog is for a hung loop.
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert len(pings) > 10 and max(gaps) < 2.0
     finally:
+        done.set()
         station.stop()
         thread.join(15)
 
