@@ -188,6 +188,12 @@ def train(
     41.7
     """
     start = time.monotonic()
+    if not 0 < opts.false_reject_rate < 0.5:
+        raise TrainError(f"false-reject rate {opts.false_reject_rate} must be between 0 and 0.5")
+    if opts.size % 16 or not 64 <= opts.size <= 1024:
+        raise TrainError(f"input size {opts.size} must be a multiple of 16 between 64 and 1024")
+    if opts.augment < 0:
+        raise TrainError(f"augment {opts.augment} must be 0 or more copies")
     normal_dir, anomaly_dir = data / "normal", data / "anomaly"
     if not data.is_dir():
         raise TrainError(f"training folder {data} does not exist")
@@ -204,10 +210,6 @@ def train(
     if anomaly_dir.is_dir() and any(anomaly_dir.iterdir()):
         anomaly_paths, anomalies = _load(anomaly_dir)
     image_hw = _check_sizes(normal_paths + anomaly_paths, normals + anomalies, opts.roi)
-    if not 0 < opts.false_reject_rate < 0.5:
-        raise TrainError(f"false-reject rate {opts.false_reject_rate} must be between 0 and 0.5")
-    if opts.size % 16 or not 64 <= opts.size <= 1024:
-        raise TrainError(f"input size {opts.size} must be a multiple of 16 between 64 and 1024")
 
     backbone_file = backbone_path()
     backbone = onnx.load(str(backbone_file))
@@ -221,11 +223,14 @@ def train(
     rng = np.random.default_rng(opts.seed)
     patches: list[np.ndarray] = []
     owners: list[np.ndarray] = []
-    total = len(normals) * (1 + opts.augment) + len(anomalies)
+    fmaps: list[np.ndarray] = []  # of the good images as taken, for calibration
+    total = len(normals) * (1 + opts.augment)
     done = 0
     for i, image in enumerate(normals):
-        for view in [image, *_augment(image, opts.augment, opts, rng)]:
+        for copy, view in enumerate([image, *_augment(image, opts.augment, opts, rng)]):
             (fmap,) = features.run(None, {"image": view})
+            if copy == 0:
+                fmaps.append(fmap)
             p = fmap[0].reshape(fmap.shape[1], -1).T
             patches.append(p)
             owners.append(np.full(len(p), i))
@@ -267,7 +272,6 @@ def train(
     # give the distances good parts show at each position class, then the held-out scores.
     steps = 2 * len(normals) + len(anomalies)
     held_out = [bank_owner != i for i in range(len(normals))]
-    fmaps = [features.run(None, {"image": image})[0] for image in normals]
     raw_maps = []
     for i, fmap in enumerate(fmaps):
         raw_maps.append(score(fmap, held_out[i])[1])
