@@ -98,6 +98,9 @@ class Link:
             reconnect_on_failure=False,  # our thread reconnects, with a new client
         )
         c.enable_logger(logging.getLogger("paho"))
+        # An exception in a callback would end paho's thread without a disconnect callback,
+        # and the link would never reconnect: log it instead.
+        c.suppress_exceptions = True
         c.max_queued_messages_set(self.cfg.max_queued)
         c.will_set(self.topic("status"), b"offline", qos=1, retain=True)
         secure(c, self.cfg)
@@ -213,8 +216,14 @@ class Link:
             # Delivered before it leaves _inflight, so the backlog flush (which skips
             # in-flight records) never sees it as neither in flight nor delivered.
             if not rc.is_failure:
-                self._on_delivered(seq)
+                self._deliver(seq)
             del self._inflight[mid]
+
+    def _deliver(self, seq: int) -> None:
+        try:
+            self._on_delivered(seq)
+        except Exception as exc:  # the journal may be full: the record goes out again later
+            log.warning("could not mark record %d delivered: %s", seq, exc)
 
     def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         name = msg.topic[len(self.prefix) + len("/cmd/") :]
@@ -235,7 +244,7 @@ class Link:
             if acked is None:
                 self._inflight[info.mid] = seq
             elif acked:
-                self._on_delivered(seq)
+                self._deliver(seq)
         return True
 
     def inflight_seqs(self) -> set[int]:

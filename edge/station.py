@@ -449,7 +449,7 @@ class Station:
             keep = self.cfg.storage.save_ng
         elif self.cfg.storage.save_ok_every:
             self._ok_count += 1
-            keep = self._ok_count % self.cfg.storage.save_ok_every == 1
+            keep = (self._ok_count - 1) % self.cfg.storage.save_ok_every == 0  # 1st, N+1th, ...
         if not keep or record is None:
             return
         name = f"{record.seq:08d}-{detection.verdict}"
