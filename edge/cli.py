@@ -94,21 +94,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from edge.evaluate import (
-        metrics_of,
-        score_folder,
-        to_json,
-        write_outputs,
-        write_text_atomically,
-    )
+    from edge.evaluate import metrics_of, score_folder, to_json, write_outputs
+    from edge.files import write_atomically
     from edge.model import Model
 
     model = Model(args.model, threads=1)
-    results = score_folder(model, args.data, lambda d, t: _Progress()("scoring", d, t))
+    progress = _Progress()
+    results = score_folder(model, args.data, lambda d, t: progress("scoring", d, t))
     metrics = metrics_of(model, results)
     report = write_outputs(model, results, metrics, args.report)
     if args.json:
-        write_text_atomically(args.json, to_json(metrics, results))
+        write_atomically(args.json, to_json(metrics, results))
     rows = [
         ("AUROC", "auroc"),
         ("average precision", "average_precision"),
@@ -137,12 +133,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from edge.evaluate import write_text_atomically
+    from edge.files import write_atomically
     from edge.images import ImageError, read_image
     from edge.model import Model
     from edge.overlay import draw_overlay
 
     model = Model(args.model, threads=1)
+    args.overlays.mkdir(parents=True, exist_ok=True)
     out = []
     for path in args.images:
         image = read_image(path)
@@ -151,7 +148,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ImageError(f"image {path}: {exc}") from None
         overlay = args.overlays / f"{path.stem}.png"
-        args.overlays.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(overlay), draw_overlay(image, detection))
         out.append({"file": str(path), **detection.as_dict(), "overlay": str(overlay)})
         if not args.json:
@@ -166,7 +162,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         if str(args.json) == "-":
             print(doc)
         else:
-            write_text_atomically(args.json, doc + "\n")
+            write_atomically(args.json, doc + "\n")
     return 0
 
 

@@ -6,8 +6,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ import cv2
 import numpy as np
 
 from edge.detection import Detection
+from edge.files import write_atomically
 from edge.images import ImageError, list_images, read_image
 from edge.metrics import summarize
 from edge.model import Model
@@ -48,19 +47,6 @@ def _json_safe(value: object) -> object:
     return value
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write text to path via a temporary file in the same folder, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def score_folder(
     model: Model, data: Path, progress: Callable[[int, int], None] | None = None
 ) -> list[ImageResult]:
@@ -72,12 +58,11 @@ def score_folder(
     results = []
     for i, (path, label) in enumerate(todo):
         image = read_image(path)
+        t0 = time.perf_counter()
         try:
-            model.check_frame(image)
+            detection = model.detect(image)  # checks the frame against the model first
         except ValueError as exc:
             raise ImageError(f"image {path}: {exc}") from None
-        t0 = time.perf_counter()
-        detection = model.detect(image)
         results.append(ImageResult(path, label, detection, (time.perf_counter() - t0) * 1000))
         if progress:
             progress(i + 1, len(todo))
@@ -138,8 +123,8 @@ def write_outputs(
                 f"{r.ms:.2f}",
             ]
         )
-    write_text_atomically(out / "scores.csv", buf.getvalue())
-    write_text_atomically(out / "results.json", to_json(metrics, results))
+    write_atomically(out / "scores.csv", buf.getvalue())
+    write_atomically(out / "results.json", to_json(metrics, results))
     report = out / "report.html"
     write_report(report, f"Evaluation of {model.path.name} ({model.id})", metrics, rows)
     return report

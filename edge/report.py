@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path, PurePath
 from urllib.parse import quote
+
+from edge.files import write_atomically
 
 # Metric keys as metrics.summarize writes them, in the order and wording the table shows.
 _METRICS = {
@@ -94,7 +94,7 @@ def write_report(
             "",
         ]
     )
-    _write_atomic(path, page)
+    write_atomically(path, page)
 
 
 def _card(row: Mapping[str, object]) -> _Card:
@@ -177,19 +177,3 @@ def _number(value: object, significant: bool = False) -> str:
             return "n/a"
         return f"{number:.4g}" if significant else f"{number:.4f}"
     return str(value)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private; a report is meant to be read by others.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -159,8 +159,7 @@ class Station:
         try:
             self.commands.put_nowait((name, payload))
         except queue.Full:
-            if self.link:
-                self.link.publish_error(name, "too many commands waiting; this one was dropped")
+            self._refuse(name[:64], "too many commands waiting; this one was dropped")
 
     def stop(self) -> None:
         self._stop.set()
@@ -243,8 +242,7 @@ class Station:
         try:
             cmd = parse_command(name, payload, self.cfg.mqtt.command_token)
         except ValueError as exc:
-            if self.link:
-                self.link.publish_error(name[:64], str(exc))
+            self._refuse(name[:64], str(exc))
             return None
         if name == "pause":
             self.paused = True

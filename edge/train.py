@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ import onnxruntime as ort
 
 from edge import __version__, graph
 from edge.assets import backbone_path
-from edge.images import ImageError, list_images, read_image
+from edge.files import write_atomically
+from edge.images import list_images, read_image
 from edge.metrics import best_threshold
 from edge.model import FORMAT_VERSION, ModelMeta, session_options
 
@@ -318,23 +318,5 @@ def train(
     model = graph.build_model_graph(backbone, image_hw, opts.roi, opts.size, bank, mean, inv_scale)
     for k, v in meta.to_props().items():
         model.metadata_props.add(key=k, value=v)
-    write_atomically(model, output)
+    write_atomically(output, model.SerializeToString())
     return TrainResult(meta, ns, ans, time.monotonic() - start)
-
-
-def write_atomically(model: onnx.ModelProto, output: Path) -> None:
-    """Write model to output through a temporary file, so a failure leaves nothing half-written."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-__all__ = ["ImageError", "TrainError", "TrainOptions", "TrainResult", "train"]

@@ -31,6 +31,7 @@ def test_train_prints_progress_and_a_summary(tmp_path: Path, textures: Path) -> 
     assert "features: 20/20 images" in r.stderr
     assert "threshold" in r.stdout and "expected false rejects" in r.stdout
     assert out.is_file() and not list(tmp_path.glob(".*.tmp"))
+    assert out.stat().st_mode & 0o777 == 0o644, "the station's own user must be able to read it"
 
 
 def test_evaluate_writes_metrics_report_and_overlays(
