@@ -198,6 +198,49 @@ class StorageConfig(_Section):
     jpeg_quality: int = Field(90, ge=50, le=100, description="JPEG quality of saved frames")
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class WebConfig(_Section):
+    enabled: bool = Field(False, description="Serve the station page")
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address to listen on; 127.0.0.1 keeps the page on the device, 0.0.0.0 opens "
+        "it to the network (then a password is required)",
+    )
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port, for tests)")
+    password_hash: str | None = Field(
+        None,
+        repr=False,
+        description="Hash of the page password, made by `edge-inspect hash-password`",
+    )
+    session_hours: float = Field(12.0, gt=0, le=24 * 30, description="How long a login lasts")
+    max_upload_mb: float = Field(
+        20.0, gt=0, le=200, description="Largest image the page accepts for upload"
+    )
+    live_fps: float = Field(
+        4.0, gt=0, le=15, description="Most live pictures a second the page is sent"
+    )
+
+    @model_validator(mode="after")
+    def _access(self) -> WebConfig:
+        from edge.access import check_hash
+
+        if self.password_hash is not None:
+            check_hash(self.password_hash)
+        elif self.enabled and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} opens the page to the network: set password_hash "
+                "(make one with `edge-inspect hash-password`)"
+            )
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
 class Config(_Section):
     station: StationConfig = Field(default_factory=StationConfig)  # type: ignore[arg-type]
     model: ModelConfig
@@ -205,6 +248,7 @@ class Config(_Section):
     trigger: TriggerConfig = Field(default_factory=TriggerConfig)  # type: ignore[arg-type]
     mqtt: MqttConfig = Field(default_factory=MqttConfig)  # type: ignore[arg-type]
     storage: StorageConfig = Field(default_factory=StorageConfig)  # type: ignore[arg-type]
+    web: WebConfig = Field(default_factory=WebConfig)  # type: ignore[arg-type]
 
     @property
     def client_id(self) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 
 from edge.detection import Detection
 from edge.files import write_atomically
-from edge.images import ImageError, list_images, read_image
+from edge.images import ImageError, has_images, list_images, read_image
 from edge.metrics import summarize
 from edge.model import Model
 from edge.overlay import draw_overlay
@@ -52,7 +52,10 @@ def score_folder(
 ) -> list[ImageResult]:
     """Run the model on data/normal and data/anomaly (at least one must hold images)."""
     groups = [(data / "normal", "ok"), (data / "anomaly", "ng")]
-    todo = [(p, label) for folder, label in groups if folder.is_dir() for p in list_images(folder)]
+    # An empty normal/ or anomaly/ is allowed: a station's test split may have no defects yet.
+    todo = [
+        (p, label) for folder, label in groups if has_images(folder) for p in list_images(folder)
+    ]
     if not todo:
         raise ImageError(f"folder {data} has neither normal/ nor anomaly/ images to evaluate")
     results = []

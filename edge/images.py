@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from pathlib import Path
 
@@ -39,6 +40,14 @@ def list_images(folder: Path) -> list[Path]:
     if not images:
         raise ImageError(f"folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
+
+
+def has_images(folder: Path) -> bool:
+    """True if `folder` exists and holds at least one image file."""
+    return folder.is_dir() and any(
+        not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        for p in folder.iterdir()
+    )
 
 
 def read_image(
@@ -146,3 +155,10 @@ def _jpeg_size(data: bytes, name: str) -> tuple[int, int]:
             break
         i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
     raise ImageError(f"image {name} is not a valid JPEG file (no frame header)")
+
+
+def pixel_hash(image: np.ndarray) -> str:
+    """A short hash of an image's pixels: the same picture in any file format hashes alike."""
+    h = hashlib.sha256(str(image.shape).encode())
+    h.update(np.ascontiguousarray(image).data)
+    return h.hexdigest()[:16]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 
@@ -80,3 +82,27 @@ def _label_strip(detection: Detection, width: int) -> np.ndarray:
     origin = (pad, (strip_height + text_h) // 2)
     cv2.putText(strip, text, origin, _FONT, scale, (255, 255, 255), thickness, cv2.LINE_AA)
     return strip
+
+
+def draw_preview(image_bgr: np.ndarray, detection: Detection, longer_side: int) -> np.ndarray:
+    """draw_overlay on a copy shrunk to at most `longer_side` px: cheap enough for a live view."""
+    scale = longer_side / max(image_bgr.shape[:2])
+    if scale >= 1:
+        return draw_overlay(image_bgr, detection)
+    small = cv2.resize(image_bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    h, w = small.shape[:2]
+
+    def fit(x: int, y: int, bw: int, bh: int) -> tuple[int, int, int, int]:
+        sx, sy = min(int(x * scale), w - 1), min(int(y * scale), h - 1)
+        return (
+            sx,
+            sy,
+            max(1, min(round(bw * scale), w - sx)),
+            max(1, min(round(bh * scale), h - sy)),
+        )
+
+    boxes = []
+    for box in detection.boxes:
+        x, y, bw, bh = fit(box.x, box.y, box.w, box.h)
+        boxes.append(replace(box, x=x, y=y, w=bw, h=bh))
+    return draw_overlay(small, replace(detection, roi=fit(*detection.roi), boxes=boxes))

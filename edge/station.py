@@ -9,15 +9,19 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge.config import Config
+from edge.detection import Detection
+from edge.files import write_atomically
 from edge.journal import Journal, JournalError, Record
 from edge.model import Model, ModelError
 from edge.mqtt import COMMANDS, Link
@@ -25,6 +29,9 @@ from edge.overlay import draw_overlay
 from edge.sources import Frame, FrameSource, SourceEnded, SourceError, open_source
 from edge.storage import FrameStore
 from edge.systemd import Notifier
+
+if TYPE_CHECKING:
+    from edge.web import Web
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,7 @@ SOURCE_RETRY_MIN_S = 0.5
 SOURCE_RETRY_MAX_S = 10.0
 SOURCE_REOPEN_AFTER = 3
 LATENCY_WINDOW = 1000  # verdicts the stats percentiles are taken over
+FPS_WINDOW_S = 5.0  # the inspection rate is counted over this many seconds
 MODEL_POLL_S = 1.0  # how often the model file is looked at for a new version
 
 
@@ -91,6 +99,7 @@ class Stats:
     overruns: int = 0
     source_errors: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    decided: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
 
     def add(self, latency_ms: float, ng: bool, over: bool) -> None:
         self.verdicts += 1
@@ -98,10 +107,20 @@ class Stats:
         self.overruns += over
         self.latencies_ms.append(latency_ms)
         del self.latencies_ms[:-LATENCY_WINDOW]
+        self.decided.append(time.monotonic())
+
+    def fps(self) -> float:
+        """Verdicts a second over the last few seconds."""
+        since = time.monotonic() - FPS_WINDOW_S
+        recent = [t for t in list(self.decided) if t >= since]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
 
     def as_dict(self) -> dict[str, Any]:
-        lat = np.array(self.latencies_ms or [0.0])
+        lat = np.array(self.latencies_ms[-LATENCY_WINDOW:] or [0.0])
         return {
+            "fps": round(self.fps(), 2),
             "frames": self.frames,
             "verdicts": self.verdicts,
             "ng": self.ng,
@@ -112,6 +131,24 @@ class Stats:
             "latency_ms_max": round(float(lat.max()), 2),
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
+
+
+@dataclass(frozen=True)
+class Latest:
+    """The last inspected frame and what the model said of it (for the page)."""
+
+    frame: Frame
+    detection: Detection
+    seq: int | None  # the journal's record number, None if the journal failed
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    """The last model change or refusal, for the page: when, whether taken, and what happened."""
+
+    wall: float
+    taken: bool
+    text: str
 
 
 class Station:
@@ -143,6 +180,9 @@ class Station:
         self._source_failures = 0
         self._journal_failed = False
         self._loader: threading.Thread | None = None
+        self._loader_lock = threading.Lock()
+        self.latest: Latest | None = None
+        self.model_event: ModelEvent | None = None
         # Checked models (with the file's mtime and size when read), or why one failed.
         self._candidates: queue.Queue[tuple[Model, tuple[int, int]] | str] = queue.Queue()
         st = cfg.model.path.stat()
@@ -152,6 +192,11 @@ class Station:
             self.link = Link(
                 cfg.mqtt, cfg.client_id, self._command_arrived, self.journal.mark_published
             )
+        self.web: Web | None = None
+        if cfg.web.enabled:
+            from edge.web import Web
+
+            self.web = Web(self)
 
     # --- called from other threads ---
 
@@ -173,6 +218,8 @@ class Station:
             signal.signal(signal.SIGINT, self._on_signal)
         if self.link:
             self.link.start()
+        if self.web:
+            self.web.start()
         try:
             self.source.open()
         except SourceError as exc:
@@ -223,6 +270,8 @@ class Station:
             self.notifier.stopping()
             self.source.close()
             self._publish_stats()
+            if self.web:
+                self.web.stop()
             if self.link:
                 self.link.stop()
             self.journal.close()
@@ -268,28 +317,53 @@ class Station:
         if self.link:
             self.link.publish_error(command, why)
 
-    def reload(self, why: str = "reload command") -> None:
+    @property
+    def previous_model(self) -> Path:
+        """Where the model replaced by the last activate() is kept, for a roll-back."""
+        path = self.cfg.model.path
+        return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+    def reload(self, why: str = "reload command", install: Path | None = None) -> bool:
         """Load the model file again in the background; it replaces the running model between
         two frames only if it loads, is ours, takes the camera's frames and runs on the last
-        one. Otherwise the old model keeps running and the reason goes out on P/error."""
-        if self._loader is not None and self._loader.is_alive():
-            self._refuse("reload", "a model is already being loaded")
-            return
-        reference = self._last_frame.image.copy() if self._last_frame is not None else None
-        self._loader = threading.Thread(
-            target=self._load_candidate, args=(reference, why), name="model-loader", daemon=True
-        )
-        self._loader.start()
+        one. Otherwise the old model keeps running and the reason goes out on P/error.
 
-    def _load_candidate(self, reference: np.ndarray | None, why: str) -> None:
+        With `install` (a model trained on the page, say) that file is checked the same way
+        and, if it passes, copied over the model file (the old one kept as previous_model)
+        before it is swapped in. Returns False if a model is being loaded already.
+        """
+        with self._loader_lock:
+            if self._loader is not None and self._loader.is_alive():
+                self._refuse("reload", "a model is already being loaded")
+                return False
+            last = self._last_frame
+            reference = last.image.copy() if last is not None else None
+            self._loader = threading.Thread(
+                target=self._load_candidate,
+                args=(reference, why, install),
+                name="model-loader",
+                daemon=True,
+            )
+            self._loader.start()
+            return True
+
+    def _load_candidate(self, reference: np.ndarray | None, why: str, install: Path | None) -> None:
         path = self.cfg.model.path
         try:
-            st = path.stat()
             model = Model(
-                path, threads=self.cfg.model.threads, providers=list(self.cfg.model.providers)
+                install or path,
+                threads=self.cfg.model.threads,
+                providers=list(self.cfg.model.providers),
             )
             if reference is not None:
                 model.run(reference)
+            if install is not None:
+                data = install.read_bytes()
+                if path.is_file():
+                    write_atomically(self.previous_model, path.read_bytes())
+                write_atomically(path, data)
+                model.path = path
+            st = path.stat()
             self._candidates.put((model, (st.st_mtime_ns, st.st_size)))
         except (ModelError, ValueError, OSError) as exc:
             self._candidates.put(
@@ -303,17 +377,24 @@ class Station:
         except queue.Empty:
             return
         if isinstance(candidate, str):
+            log.warning("%s", candidate)
+            self.model_event = ModelEvent(time.time(), False, candidate)
             self._refuse("reload", candidate)
             return
         model, sig = candidate
         old, self.model = self.model, model
-        self._model_sig = sig  # the file watcher need not load this version again
+        self._model_sig = self._seen_sig = sig  # the file watcher need not load it again
         log.info("model %s replaced by %s (sha256 %s)", old.id, model.id, model.sha256)
+        self.model_event = ModelEvent(
+            time.time(), True, f"model {model.id} replaced {old.id} between two frames"
+        )
         self._set_status(self.status, self.reason)
 
     def _watch_model_file(self) -> None:
         """Reload when the model file changed and has stayed the same for one poll (so a file
         that is still being written is not taken)."""
+        if self._loader is not None and self._loader.is_alive():
+            return  # it may be installing a model there right now
         try:
             st = self.cfg.model.path.stat()
         except OSError:
@@ -431,6 +512,7 @@ class Station:
             self._journal_failed = True
             self._set_status("degraded", str(exc))
         self.stats.add(latency_ms, detection.is_anomalous, over)
+        self.latest = Latest(frame, detection, record.seq if record is not None else None)
         if self.link:
             if record is not None:
                 self.link.publish_verdict(record.payload(), record.seq)
@@ -441,7 +523,7 @@ class Station:
                 self.link.publish_verdict({"seq": None, "time": iso, **fields}, -1)
         self._save(frame, detection, record)
 
-    def _save(self, frame: Frame, detection: Any, record: Record | None) -> None:
+    def _save(self, frame: Frame, detection: Detection, record: Record | None) -> None:
         keep = False
         if detection.is_anomalous:
             keep = self.cfg.storage.save_ng

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from edge import __version__, graph
 from edge.assets import backbone_path
 from edge.files import write_atomically
-from edge.images import list_images, read_image
+from edge.images import list_images, pixel_hash, read_image
 from edge.metrics import best_threshold
 from edge.model import FORMAT_VERSION, ModelMeta, session_options
 
@@ -90,6 +90,18 @@ def _check_sizes(
         if x < 0 or y < 0 or w < 16 or h < 16 or x + w > first[1] or y + h > first[0]:
             raise TrainError(f"ROI {roi} does not fit in the {first[1]}x{first[0]} images")
     return first
+
+
+def _check_duplicates(paths: list[Path], images: list[np.ndarray]) -> None:
+    """The same picture twice would calibrate on itself (leave-one-out keeps its twin)."""
+    seen: dict[str, Path] = {}
+    for path, image in zip(paths, images, strict=True):
+        key = pixel_hash(image)
+        if key in seen:
+            raise TrainError(
+                f"images {seen[key]} and {path} are the same picture; keep one of them"
+            )
+        seen[key] = path
 
 
 def _augment(
@@ -210,6 +222,7 @@ def train(
     if anomaly_dir.is_dir() and any(anomaly_dir.iterdir()):
         anomaly_paths, anomalies = _load(anomaly_dir)
     image_hw = _check_sizes(normal_paths + anomaly_paths, normals + anomalies, opts.roi)
+    _check_duplicates(normal_paths + anomaly_paths, normals + anomalies)
 
     backbone_file = backbone_path()
     backbone = onnx.load(str(backbone_file))

@@ -1,0 +1,713 @@
+"""The station page: live view, history, dataset, training and trial detection over HTTP.
+
+A small threaded server from the standard library runs beside the inspection loop. It never
+calls into the loop: it reads what the loop last published (`Station.latest`, its stats and
+journal) and asks for model swaps through `Station.reload`, the same checked path MQTT uses.
+Pictures for the page are drawn here, in the server's threads, at most `live_fps` a second.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import cv2
+
+from edge.access import Sessions
+from edge.config import is_loopback
+from edge.dataset import LABELS, Dataset, DatasetError
+from edge.images import ImageError, decode_image
+from edge.journal import Record
+from edge.model import Model, ModelError
+from edge.overlay import draw_preview
+from edge.train import MIN_NORMAL
+from edge.trainjob import Trainer, TrainerBusy
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edge.station import Latest, Station
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "webui"
+_STATIC_TYPES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+COOKIE = "edge_inspect_session"
+CSRF_HEADER = "X-CSRF-Token"
+MAX_JSON_BYTES = 64 * 1024
+PREVIEW_SIDE = 800  # longer side of live pictures and trial overlays, px
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+)
+# The evaluation reports are written by report.py with their styles inline.
+_REPORT_CSP = (
+    "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'self'"
+)
+_REPORT_FILE = re.compile(r"^(candidate|running)/(report\.html|overlays/[A-Za-z0-9._-]+\.png)$")
+
+
+class HttpError(Exception):
+    """A request refused with a status and one sentence for the user."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _json(doc: object, status: int = 200) -> Reply:
+    return Reply(status, json.dumps(doc).encode())
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-case names
+    address: str
+    read_body: Callable[[int], bytes]
+    session: str | None = None
+    csrf: str | None = None  # the valid CSRF token of this request's session, if any
+
+    def json(self) -> dict[str, Any]:
+        raw = self.read_body(MAX_JSON_BYTES)
+        try:
+            doc = json.loads(raw or b"{}")
+        except (UnicodeDecodeError, ValueError):
+            raise HttpError(400, "the request body is not JSON") from None
+        if not isinstance(doc, dict):
+            raise HttpError(400, "the request body must be a JSON object")
+        return doc
+
+    @property
+    def file_name(self) -> str:
+        """The uploaded file's name as the page sends it, made safe for messages."""
+        name = unquote(self.headers.get("x-file-name", "upload"))
+        return "".join(c for c in name if c.isprintable())[:100] or "upload"
+
+
+Handler = Callable[[Request, re.Match[str]], Reply]
+
+
+class Web:
+    """The page's server for one station.
+
+    >>> web = Web(station); web.start(); print(web.url)    # doctest: +SKIP
+    http://127.0.0.1:8080/
+    """
+
+    def __init__(self, station: Station) -> None:
+        self.station = station
+        self.cfg = station.cfg.web
+        state = station.cfg.station.state_dir
+        self.dataset = Dataset(state / "dataset")
+        self.trainer = Trainer(self.dataset.root, state / "training")
+        self.sessions = Sessions(self.cfg.password_hash, self.cfg.session_hours * 3600)
+        self.local_only = is_loopback(self.cfg.host)
+        self._server: ThreadingHTTPServer | None = None
+        self._live_lock = threading.Lock()
+        self._live: tuple[Latest, float, bytes] | None = None  # what was shown, when, JPEG
+        self._candidate: tuple[tuple[int, int, str], Model] | None = None
+        self._routes: list[tuple[str, re.Pattern[str], Handler, bool]] = []
+        get, post = "GET", "POST"
+        for method, pattern, handler, auth in [
+            (get, r"/", self._index, False),
+            (get, r"/static/(app\.js|style\.css)", self._static, False),
+            (get, r"/api/session", self._session, False),
+            (post, r"/api/login", self._login, False),
+            (post, r"/api/logout", self._logout, False),
+            (get, r"/api/status", self._status, True),
+            (get, r"/api/live\.jpg", self._live_jpeg, True),
+            (get, r"/api/records", self._records, True),
+            (get, r"/api/records/(\d+)", self._record, True),
+            (get, r"/api/records/(\d+)/(frame|overlay)\.jpg", self._record_picture, True),
+            (get, r"/api/dataset", self._dataset, True),
+            (get, r"/api/dataset/image/(.+)", self._dataset_image, True),
+            (post, r"/api/dataset/capture", self._capture, True),
+            (post, r"/api/dataset/record", self._from_record, True),
+            (post, r"/api/dataset/upload", self._upload, True),
+            (post, r"/api/dataset/move", self._move, True),
+            (post, r"/api/dataset/delete", self._delete, True),
+            (get, r"/api/training", self._training, True),
+            (post, r"/api/training/start", self._train, True),
+            (post, r"/api/training/cancel", self._cancel, True),
+            (post, r"/api/training/activate", self._activate, True),
+            (post, r"/api/training/discard", self._discard, True),
+            (get, r"/api/training/files/(.+)", self._training_file, True),
+            (post, r"/api/model/rollback", self._rollback, True),
+            (post, r"/api/trial", self._trial, True),
+        ]:
+            self._routes.append((method, re.compile(f"^{pattern}$"), handler, auth))
+
+    # --- running ---
+
+    def start(self) -> bool:
+        """Listen and serve in a thread; False (and an error in the log) if the port is taken."""
+        try:
+            server = ThreadingHTTPServer((self.cfg.host, self.cfg.port), _Handler)
+        except OSError as exc:
+            log.error(
+                "the page cannot listen on %s:%d (%s); inspecting without it",
+                self.cfg.host,
+                self.cfg.port,
+                exc.strerror or exc,
+            )
+            return False
+        server.daemon_threads = True
+        server.web = self  # type: ignore[attr-defined]
+        self._server = server
+        threading.Thread(target=server.serve_forever, args=(0.25,), name="web", daemon=True).start()
+        log.info("station page at %s", self.url)
+        return True
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self.trainer.cancel()
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else 0
+
+    @property
+    def url(self) -> str:
+        host = self.cfg.host if ":" not in self.cfg.host else f"[{self.cfg.host}]"
+        return f"http://{host}:{self.port}/"
+
+    # --- one request ---
+
+    def handle(self, req: Request) -> Reply:
+        """Check where the request comes from and who sends it, then route it."""
+        self._check_host(req)
+        sid = _cookie(req.headers.get("cookie", ""))
+        req.session = sid
+        req.csrf = self.sessions.csrf_for(sid)
+        if req.method == "POST":
+            self._check_same_site(req)
+        for method, pattern, handler, auth in self._routes:
+            m = pattern.match(req.path)
+            if m is None:
+                continue
+            if method != req.method:
+                continue
+            if auth and req.csrf is None:
+                raise HttpError(401, "log in first")
+            if req.method == "POST" and auth and req.headers.get(CSRF_HEADER.lower()) != req.csrf:
+                raise HttpError(403, "the request has no valid CSRF token; reload the page")
+            return handler(req, m)
+        if any(p.match(req.path) for _, p, _, _ in self._routes):
+            raise HttpError(405, f"{req.method} is not allowed on {req.path}")
+        raise HttpError(404, f"there is no {req.path[:100]} here")
+
+    def _check_host(self, req: Request) -> None:
+        """On localhost, answer only to local host names: a web site cannot rebind its own
+        name to 127.0.0.1 and then read the page from the operator's browser."""
+        if not self.local_only:
+            return
+        host = req.headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if not (name in ("localhost", "[::1]") or name.startswith("127.")):
+            raise HttpError(403, f"this page answers only to localhost, not to {host[:100]!r}")
+
+    def _check_same_site(self, req: Request) -> None:
+        origin = req.headers.get("origin")
+        host = req.headers.get("host", "")
+        if origin is not None and urlsplit(origin).netloc != host:
+            raise HttpError(403, "a request from another site was refused")
+        if req.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+            raise HttpError(403, "a request from another site was refused")
+
+    # --- pages and login ---
+
+    def _index(self, req: Request, m: re.Match[str]) -> Reply:
+        return self._file("index.html")
+
+    def _static(self, req: Request, m: re.Match[str]) -> Reply:
+        return self._file(m[1])
+
+    def _file(self, name: str) -> Reply:
+        return Reply(200, (STATIC / name).read_bytes(), _STATIC_TYPES[name])
+
+    def _session(self, req: Request, m: re.Match[str]) -> Reply:
+        return _json(
+            {
+                "login_required": self.sessions.required,
+                "logged_in": req.csrf is not None,
+                "csrf": req.csrf,
+                "station": self.station.cfg.station.name,
+            }
+        )
+
+    def _login(self, req: Request, m: re.Match[str]) -> Reply:
+        if not self.sessions.required:
+            raise HttpError(400, "this page has no password (it is open on localhost only)")
+        password = req.json().get("password")
+        if not isinstance(password, str):
+            raise HttpError(400, 'give the password as {"password": "..."}')
+        try:
+            sid = self.sessions.login(password, req.address)
+        except PermissionError as exc:
+            raise HttpError(429, str(exc)) from None
+        except ValueError as exc:
+            raise HttpError(403, str(exc)) from None
+        cookie = (
+            f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict; "
+            f"Max-Age={int(self.sessions.lifetime_s)}"
+        )
+        return Reply(
+            200,
+            json.dumps({"csrf": self.sessions.csrf_for(sid)}).encode(),
+            headers={"Set-Cookie": cookie},
+        )
+
+    def _logout(self, req: Request, m: re.Match[str]) -> Reply:
+        self.sessions.logout(req.session)
+        return Reply(
+            200, b"{}", headers={"Set-Cookie": f"{COOKIE}=; Path=/; Max-Age=0; SameSite=Strict"}
+        )
+
+    # --- watching ---
+
+    def _status(self, req: Request, m: re.Match[str]) -> Reply:
+        st = self.station
+        model = st.model
+        link = st.link
+        event = st.model_event
+        counts = st.journal.counts()
+        return _json(
+            {
+                "station": st.cfg.station.name,
+                "status": st.status,
+                "reason": st.reason,
+                "paused": st.paused,
+                "mode": st.cfg.trigger.mode,
+                "source": st.source.name,
+                "dropped": st.source.dropped,
+                "budget_ms": st.cfg.station.budget_ms,
+                **st.stats.as_dict(),
+                "records": counts["total"],
+                "backlog": counts["unpublished"] if link else None,
+                "broker": {
+                    "enabled": link is not None,
+                    "connected": bool(link and link.connected.is_set()),
+                    "address": f"{st.cfg.mqtt.host}:{st.cfg.mqtt.port}",
+                },
+                "model": _model_doc(model),
+                "previous_model": st.previous_model.is_file(),
+                "model_event": event
+                and {"wall": event.wall, "taken": event.taken, "text": event.text},
+                "training": self.trainer.state(),
+            }
+        )
+
+    def _live_jpeg(self, req: Request, m: re.Match[str]) -> Reply:
+        """The newest inspected frame with its heatmap; re-drawn at most live_fps a second."""
+        latest = self.station.latest
+        if latest is None:
+            return Reply(204)
+        with self._live_lock:
+            shown = self._live
+            fresh = shown is None or (
+                shown[0] is not latest and time.monotonic() - shown[1] >= 1 / self.cfg.live_fps
+            )
+            if fresh:
+                picture = draw_preview(latest.frame.image, latest.detection, PREVIEW_SIDE)
+                self._live = shown = (latest, time.monotonic(), _jpeg(picture, 80))
+        assert shown is not None
+        seen, _, jpg = shown
+        det = seen.detection
+        return Reply(
+            200,
+            jpg,
+            "image/jpeg",
+            {
+                "X-Frame": str(seen.frame.seq),
+                "X-Record": str(seen.seq or ""),
+                "X-Verdict": det.verdict,
+                "X-Score": f"{det.score:.4f}",
+                "X-Threshold": f"{det.threshold:.4f}",
+                "X-Captured": f"{seen.frame.wall:.3f}",
+            },
+        )
+
+    def _records(self, req: Request, m: re.Match[str]) -> Reply:
+        limit = _int(req.query.get("limit", "50"), "limit", 1, 500)
+        before = req.query.get("before")
+        recs = self.station.journal.recent(
+            limit=limit,
+            ng_only=req.query.get("ng") == "1",
+            before_seq=_int(before, "before", 0, 2**62) if before else None,
+        )
+        return _json({"records": [_record_doc(r) for r in recs]})
+
+    def _record(self, req: Request, m: re.Match[str]) -> Reply:
+        rec = self.station.journal.get(int(m[1]))
+        if rec is None:
+            raise HttpError(404, f"there is no record {m[1]}")
+        return _json(_record_doc(rec))
+
+    def _record_picture(self, req: Request, m: re.Match[str]) -> Reply:
+        return Reply(200, self._saved_picture(int(m[1]), m[2]).read_bytes(), "image/jpeg")
+
+    def _saved_picture(self, seq: int, which: str) -> Path:
+        rec = self.station.journal.get(seq)
+        if rec is None:
+            raise HttpError(404, f"there is no record {seq}")
+        rel = rec.frame_path if which == "frame" else rec.overlay_path
+        if not rel:
+            raise HttpError(404, f"the {which} of record {seq} was not saved or has been deleted")
+        state = self.station.cfg.station.state_dir.resolve()
+        path = (state / rel).resolve()
+        if not path.is_relative_to(state / "frames") or not path.is_file():
+            raise HttpError(404, f"the {which} of record {seq} is no longer on disk")
+        return path
+
+    # --- the dataset ---
+
+    def _dataset(self, req: Request, m: re.Match[str]) -> Reply:
+        return _json(
+            {
+                "items": [i.as_dict() for i in self.dataset.items()],
+                "counts": self.dataset.counts(),
+                "min_normal": MIN_NORMAL,
+            }
+        )
+
+    def _dataset_image(self, req: Request, m: re.Match[str]) -> Reply:
+        try:
+            if req.query.get("thumb") == "1":
+                return Reply(200, self.dataset.thumbnail(m[1]), "image/jpeg")
+            path = self.dataset.path(m[1])
+        except DatasetError as exc:
+            raise HttpError(404, str(exc)) from None
+        return Reply(200, path.read_bytes(), "image/png")
+
+    def _capture(self, req: Request, m: re.Match[str]) -> Reply:
+        """Add a frame to the dataset: the one the page shows ({"frame": its X-Frame number})
+        or, without a number, the newest inspected one."""
+        doc = req.json()
+        label = _label(doc.get("label"))
+        wanted = doc.get("frame")
+        with self._live_lock:
+            chosen = self._live[0] if self._live else None
+        if wanted is None:
+            chosen = self.station.latest
+        elif chosen is None or chosen.frame.seq != wanted:
+            raise HttpError(409, f"frame {wanted} is no longer held; capture again")
+        if chosen is None:
+            raise HttpError(409, "no frame has been inspected yet")
+        try:
+            item = self.dataset.add(chosen.frame.image, label, "cap")
+        except DatasetError as exc:
+            raise HttpError(409, str(exc)) from None
+        return _json(item.as_dict(), 201)
+
+    def _from_record(self, req: Request, m: re.Match[str]) -> Reply:
+        doc = req.json()
+        label = _label(doc.get("label"))
+        seq = doc.get("seq")
+        if not isinstance(seq, int):
+            raise HttpError(400, 'give the record number as {"seq": 123, ...}')
+        path = self._saved_picture(seq, "frame")
+        try:
+            item = self.dataset.add_file(path, label, f"rec{seq}")
+        except ImageError as exc:
+            raise HttpError(422, str(exc)) from None
+        except DatasetError as exc:
+            raise HttpError(409, str(exc)) from None
+        return _json(item.as_dict(), 201)
+
+    def _upload(self, req: Request, m: re.Match[str]) -> Reply:
+        label = _label(req.query.get("label"))
+        image = self._uploaded_image(req)
+        try:
+            item = self.dataset.add(image, label, "up")
+        except DatasetError as exc:
+            raise HttpError(409, f"upload {req.file_name}: {exc}") from None
+        return _json(item.as_dict(), 201)
+
+    def _move(self, req: Request, m: re.Match[str]) -> Reply:
+        doc = req.json()
+        try:
+            item = self.dataset.move(
+                str(doc.get("id", "")), doc.get("label") or None, doc.get("split") or None
+            )
+        except DatasetError as exc:
+            raise HttpError(404 if "does not exist" in str(exc) else 400, str(exc)) from None
+        return _json(item.as_dict())
+
+    def _delete(self, req: Request, m: re.Match[str]) -> Reply:
+        try:
+            self.dataset.delete(str(req.json().get("id", "")))
+        except DatasetError as exc:
+            raise HttpError(404 if "does not exist" in str(exc) else 400, str(exc)) from None
+        return _json({})
+
+    # --- training and models ---
+
+    def _training(self, req: Request, m: re.Match[str]) -> Reply:
+        summary = self.trainer.summary()
+        candidate = self.trainer.candidate_model
+        return _json(
+            {
+                **self.trainer.state(),
+                "summary": summary,
+                "candidate_id": summary["model_id"] if summary else None,
+                "candidate": candidate is not None,
+                "running_id": self.station.model.id,
+            }
+        )
+
+    def _train(self, req: Request, m: re.Match[str]) -> Reply:
+        have = self.dataset.counts()["train/normal"]
+        if have < MIN_NORMAL:
+            raise HttpError(
+                409,
+                f"the dataset has {have} good images for training; it needs at least {MIN_NORMAL}",
+            )
+        try:
+            self.trainer.start(self.station.cfg.model.path)
+        except TrainerBusy as exc:
+            raise HttpError(409, str(exc)) from None
+        return _json(self.trainer.state(), 202)
+
+    def _cancel(self, req: Request, m: re.Match[str]) -> Reply:
+        if not self.trainer.cancel():
+            raise HttpError(409, "no model is being trained")
+        return _json({}, 202)
+
+    def _activate(self, req: Request, m: re.Match[str]) -> Reply:
+        candidate = self.trainer.candidate_model
+        if candidate is None:
+            raise HttpError(409, "there is no trained candidate model to use")
+        return self._install(candidate, "candidate activated on the page")
+
+    def _rollback(self, req: Request, m: re.Match[str]) -> Reply:
+        previous = self.station.previous_model
+        if not previous.is_file():
+            raise HttpError(409, "there is no previous model to go back to")
+        return self._install(previous, "rolled back on the page")
+
+    def _install(self, path: Path, why: str) -> Reply:
+        if not self.station.reload(why, install=path):
+            raise HttpError(409, "a model is being loaded already; try again in a moment")
+        return _json({"loading": str(path.name)}, 202)
+
+    def _discard(self, req: Request, m: re.Match[str]) -> Reply:
+        if self.trainer.state()["state"] == "running":
+            raise HttpError(409, "a model is being trained; cancel it first")
+        if not self.trainer.discard():
+            raise HttpError(409, "there is no candidate model to discard")
+        return _json({})
+
+    def _training_file(self, req: Request, m: re.Match[str]) -> Reply:
+        if not _REPORT_FILE.match(m[1]):
+            raise HttpError(404, f"there is no {m[1][:100]} in the training results")
+        path = self.trainer.candidate_dir / m[1]
+        if not path.is_file():
+            raise HttpError(404, f"there is no {m[1]} in the training results")
+        if path.suffix == ".png":
+            return Reply(200, path.read_bytes(), "image/png")
+        return Reply(
+            200,
+            path.read_bytes(),
+            "text/html; charset=utf-8",
+            {"Content-Security-Policy": _REPORT_CSP, "X-Frame-Options": "SAMEORIGIN"},
+        )
+
+    # --- trial detection ---
+
+    def _trial(self, req: Request, m: re.Match[str]) -> Reply:
+        """Run the running model (or the candidate) on one uploaded image."""
+        which = req.query.get("model", "running")
+        if which not in ("running", "candidate"):
+            raise HttpError(400, f"model {which[:40]!r} is not 'running' or 'candidate'")
+        model = self.station.model if which == "running" else self._candidate_model()
+        image = self._uploaded_image(req, model)
+        detection = model.detect(image)
+        preview = draw_preview(image, detection, PREVIEW_SIDE)
+        overlay = "data:image/jpeg;base64," + base64.b64encode(_jpeg(preview, 85)).decode()
+        return _json(
+            {"file": req.file_name, "model_id": model.id, **detection.as_dict(), "overlay": overlay}
+        )
+
+    def _candidate_model(self) -> Model:
+        path = self.trainer.candidate_model
+        if path is None:
+            raise HttpError(409, "there is no trained candidate model to try")
+        st = path.stat()
+        sig = (st.st_mtime_ns, st.st_size, str(path))
+        if self._candidate is None or self._candidate[0] != sig:
+            try:
+                self._candidate = (sig, Model(path, threads=1))
+            except ModelError as exc:
+                raise HttpError(409, str(exc)) from None
+        return self._candidate[1]
+
+    def _uploaded_image(self, req: Request, model: Model | None = None) -> np.ndarray:
+        """The request body decoded as an image, checked like any image file, and checked to
+        fit the model (the camera's size), so that it can be judged or trained on."""
+        limit = int(self.cfg.max_upload_mb * 1e6)
+        data = req.read_body(limit)
+        if not data:
+            raise HttpError(400, f"upload {req.file_name} is empty")
+        try:
+            image = decode_image(data, req.file_name, max_bytes=limit)
+            (model or self.station.model).check_frame(image)
+        except ImageError as exc:
+            raise HttpError(422, str(exc)) from None
+        except ValueError as exc:
+            raise HttpError(422, f"upload {req.file_name}: {exc}") from None
+        return image
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "edge-inspect"
+    sys_version = ""
+    timeout = 30  # a client that stops sending loses its thread after this
+
+    def do_GET(self) -> None:
+        self._answer("GET")
+
+    def do_POST(self) -> None:
+        self._answer("POST")
+
+    def _answer(self, method: str) -> None:
+        web: Web = self.server.web  # type: ignore[attr-defined]
+        url = urlsplit(self.path)
+        req = Request(
+            method=method,
+            path=url.path,
+            query={k: v[0] for k, v in parse_qs(url.query).items()},
+            headers={k.lower(): v for k, v in self.headers.items()},
+            address=self.client_address[0],
+            read_body=self._read_body,
+        )
+        try:
+            reply = web.handle(req)
+        except HttpError as exc:
+            reply = _json({"error": exc.message}, exc.status)
+        except Exception:
+            log.exception("page request %s %s failed", method, url.path)
+            reply = _json({"error": "the station failed to answer; see its log"}, 500)
+        self._send(reply)
+
+    def _read_body(self, limit: int) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            if self.headers.get("Transfer-Encoding"):
+                raise HttpError(411, "send the body with a Content-Length")
+            return b""
+        try:
+            size = int(length)
+        except ValueError:
+            raise HttpError(400, "Content-Length is not a number") from None
+        if size > limit:
+            self.close_connection = True  # the unread body must not be taken as a request
+            raise HttpError(
+                413, f"the upload has {size} bytes, more than the limit of {limit} bytes"
+            )
+        return self.rfile.read(size)
+
+    def _send(self, reply: Reply) -> None:
+        try:
+            self.send_response(reply.status)
+            headers = {
+                "Content-Type": reply.content_type,
+                "Content-Length": str(len(reply.body)),
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+                "X-Frame-Options": "DENY",
+                "Referrer-Policy": "no-referrer",
+                "Content-Security-Policy": _CSP,
+                **reply.headers,
+            }
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(reply.body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser went away (a newer picture was asked for, say)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("page %s: " + format, self.client_address[0], *args)
+
+
+def _cookie(header: str) -> str | None:
+    try:
+        morsel = SimpleCookie(header).get(COOKIE)
+    except CookieError:
+        return None
+    return morsel.value if morsel else None
+
+
+def _jpeg(picture: np.ndarray, quality: int) -> bytes:
+    ok, data = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise HttpError(500, "the picture cannot be encoded")
+    return bytes(data.tobytes())
+
+
+def _int(text: str, name: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise HttpError(400, f"{name} {text[:20]!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise HttpError(400, f"{name} {value} is not between {low} and {high}")
+    return value
+
+
+def _label(value: object) -> str:
+    if value not in LABELS:
+        raise HttpError(400, f"label must be one of {', '.join(LABELS)}")
+    return str(value)
+
+
+def _model_doc(model: Model) -> dict[str, object]:
+    meta = model.meta
+    return {
+        "id": model.id,
+        "threshold": meta.threshold,
+        "created": meta.created,
+        "calibration": meta.calibration,
+        "image_size": meta.image_size,
+        "roi": meta.roi,
+        "train_normal_count": meta.train_normal_count,
+        "train_anomaly_count": meta.train_anomaly_count,
+    }
+
+
+def _record_doc(rec: Record) -> dict[str, object]:
+    doc = rec.payload()
+    doc["has_frame"] = rec.frame_path is not None
+    doc["has_overlay"] = rec.overlay_path is not None
+    return doc

@@ -1,0 +1,502 @@
+// edge-inspect station page. Plain JavaScript, no build step, nothing fetched from elsewhere.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let csrf = null;
+let tab = "live";
+const LIVE_PERIOD_MS = 250;
+
+// --- talking to the station ---
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (options.method === "POST") headers["X-CSRF-Token"] = csrf || "";
+  const response = await fetch(path, Object.assign({}, options, { headers, credentials: "same-origin" }));
+  if (response.status === 401) {
+    showLogin();
+    throw new Error("log in first");
+  }
+  const type = response.headers.get("Content-Type") || "";
+  const doc = type.startsWith("application/json") ? await response.json() : null;
+  if (!response.ok) throw new Error((doc && doc.error) || `the station answered ${response.status}`);
+  return doc;
+}
+
+function post(path, body) {
+  return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body || {}) });
+}
+
+function upload(path, file) {
+  return api(path, {
+    method: "POST",
+    headers: { "Content-Type": file.type || "application/octet-stream", "X-File-Name": encodeURIComponent(file.name) },
+    body: file,
+  });
+}
+
+function say(text, isError) {
+  const box = $("message");
+  box.textContent = text;
+  box.className = isError ? "error" : "";
+  box.hidden = !text;
+}
+
+// Run an action from a button: show what it did or why it failed.
+function act(button, work) {
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try {
+      const text = await work();
+      if (text) say(text);
+    } catch (err) {
+      say(err.message, true);
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
+// A DOM element with attributes and children; text is always set as text, never as HTML.
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "text") node.textContent = value;
+    else if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) if (child) node.append(child);
+  return node;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const fmt = (x, digits = 3) => (x === null || x === undefined || Number.isNaN(x) ? "–" : Number(x).toFixed(digits));
+const when = (wall) => new Date(wall * 1000).toLocaleString();
+const labelName = (label) => (label === "normal" ? "good" : "defect");
+
+// --- login ---
+
+function showLogin() {
+  $("login").hidden = false;
+  $("app").hidden = true;
+}
+
+async function startSession() {
+  const session = await api("/api/session");
+  $("station").textContent = `edge-inspect · ${session.station}`;
+  document.title = `edge-inspect · ${session.station}`;
+  $("logout").hidden = !session.login_required;
+  if (!session.logged_in) return showLogin();
+  csrf = session.csrf;
+  $("login").hidden = true;
+  $("app").hidden = false;
+  openTab(location.hash.slice(1) || "live");
+}
+
+$("login-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  try {
+    const doc = await post("/api/login", { password: $("password").value });
+    csrf = doc.csrf;
+    $("password").value = "";
+    say("");
+    await startSession();
+  } catch (err) {
+    say(err.message, true);
+  }
+});
+
+act($("logout"), async () => {
+  await post("/api/logout");
+  csrf = null;
+  showLogin();
+});
+
+// --- tabs ---
+
+function openTab(name) {
+  if (!$(`tab-${name}`)) name = "live";
+  tab = name;
+  for (const section of document.querySelectorAll(".tab")) section.hidden = section.id !== `tab-${name}`;
+  for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.tab === name);
+  if (name === "history") loadHistory(true);
+  if (name === "dataset") loadDataset();
+  if (name === "train") loadTraining();
+}
+
+window.addEventListener("hashchange", () => openTab(location.hash.slice(1)));
+
+// --- status strip, every second ---
+
+async function statusLoop() {
+  for (;;) {
+    if (csrf !== null && !document.hidden) {
+      try {
+        showStatus(await api("/api/status"));
+      } catch (err) {
+        $("st-state").textContent = "no answer";
+        $("st-state").className = "pill degraded";
+      }
+    }
+    await sleep(1000);
+  }
+}
+
+function showStatus(s) {
+  $("st-state").textContent = s.status;
+  $("st-state").className = `pill ${s.status}`;
+  $("st-reason").textContent = s.reason || "";
+  $("st-model").textContent = s.model.id;
+  $("st-fps").textContent = fmt(s.fps, 1);
+  $("st-p95").textContent = fmt(s.latency_ms_p95, 1);
+  $("st-over").textContent = s.overruns;
+  const broker = s.broker.enabled ? (s.broker.connected ? "connected" : "offline") : "off";
+  $("st-broker").textContent = broker;
+  $("st-broker").className = `pill ${broker}`;
+  $("st-broker").title = s.broker.address;
+  $("st-backlog").textContent = s.backlog === null ? "–" : s.backlog;
+  $("rollback").hidden = !s.previous_model;
+  const event = s.model_event;
+  $("model-event").textContent = event ? `${when(event.wall)}: ${event.text}` : "";
+  $("model-event").className = event && !event.taken ? "verdict-ng" : "";
+  if (tab === "train") showTrainingState(s.training, s.model.id);
+}
+
+// --- live view: newest picture, a few a second, only while it is on screen ---
+
+async function liveLoop() {
+  const img = $("live-img");
+  for (;;) {
+    if (csrf !== null && tab === "live" && !document.hidden) {
+      try {
+        const response = await fetch("/api/live.jpg", { credentials: "same-origin" });
+        if (response.status === 200) {
+          const frame = response.headers.get("X-Frame");
+          if (frame !== img.dataset.frame) {
+            const url = URL.createObjectURL(await response.blob());
+            await new Promise((resolve) => {
+              img.onload = img.onerror = resolve;
+              img.src = url;
+            });
+            if (img.dataset.url) URL.revokeObjectURL(img.dataset.url);
+            img.dataset.url = url;
+            img.dataset.frame = frame;
+            const verdict = response.headers.get("X-Verdict");
+            const caption = $("live-caption");
+            caption.textContent = `${verdict.toUpperCase()} · score ${response.headers.get("X-Score")} (threshold ${response.headers.get("X-Threshold")}) · frame ${frame} · ${when(Number(response.headers.get("X-Captured")))}`;
+            caption.className = `verdict-${verdict}`;
+          }
+        } else if (response.status === 401) {
+          showLogin();
+        }
+      } catch (err) {
+        $("live-caption").textContent = "the station does not answer";
+      }
+    }
+    await sleep(LIVE_PERIOD_MS);
+  }
+}
+
+for (const label of ["normal", "anomaly"]) {
+  act($(`capture-${label}`), async () => {
+    const frame = Number($("live-img").dataset.frame);
+    const item = await post("/api/dataset/capture", { label, frame: Number.isNaN(frame) ? null : frame });
+    return `frame ${frame} added as ${labelName(label)} (${item.split} set)`;
+  });
+}
+
+// --- history ---
+
+let oldest = null;
+let chosen = null;
+
+async function loadHistory(fresh) {
+  const body = document.querySelector("#history-table tbody");
+  if (fresh) {
+    body.replaceChildren();
+    oldest = null;
+  }
+  const query = new URLSearchParams({ limit: "50" });
+  if ($("history-ng").checked) query.set("ng", "1");
+  if (oldest !== null) query.set("before", oldest);
+  try {
+    const doc = await api(`/api/records?${query}`);
+    for (const r of doc.records) {
+      const row = el(
+        "tr",
+        { "data-seq": r.seq, onclick: () => openRecord(r, row) },
+        el("td", { class: "n", text: r.seq }),
+        el("td", { text: when(r.wall) }),
+        el("td", { text: r.part_id || "" }),
+        el("td", { class: `verdict-${r.verdict}`, text: r.verdict.toUpperCase() }),
+        el("td", { class: "n", text: fmt(r.score) }),
+      );
+      body.append(row);
+      oldest = r.seq;
+    }
+    $("history-more").hidden = doc.records.length < 50;
+  } catch (err) {
+    say(err.message, true);
+  }
+}
+
+function openRecord(r, row) {
+  chosen = r;
+  for (const other of document.querySelectorAll("#history-table tr.chosen")) other.classList.remove("chosen");
+  row.classList.add("chosen");
+  $("record").hidden = false;
+  $("record-title").textContent = `Inspection ${r.seq}: ${r.verdict.toUpperCase()}`;
+  $("record-facts").textContent = `${when(r.wall)} · part ${r.part_id || "–"} · score ${fmt(r.score)} (threshold ${fmt(r.threshold)}) · ${fmt(r.capture_to_decision_ms, 1)} ms · model ${r.model_id}`;
+  for (const which of ["overlay", "frame"]) {
+    const img = $(`record-${which}`);
+    if (r[`has_${which}`]) img.src = `/api/records/${r.seq}/${which}.jpg`;
+    else img.removeAttribute("src");
+  }
+  $("record-overlay").parentElement.hidden = !r.has_overlay;
+  $("record-frame").parentElement.hidden = !r.has_frame;
+  $("record-none").hidden = r.has_frame;
+  $("record-actions").hidden = !r.has_frame;
+}
+
+$("history-ng").addEventListener("change", () => loadHistory(true));
+act($("history-refresh"), () => loadHistory(true));
+act($("history-more"), () => loadHistory(false));
+for (const label of ["normal", "anomaly"]) {
+  act($(`record-${label}`), async () => {
+    const item = await post("/api/dataset/record", { seq: chosen.seq, label });
+    return `inspection ${chosen.seq} added as ${labelName(label)} (${item.split} set)`;
+  });
+}
+
+// --- dataset ---
+
+async function loadDataset() {
+  let doc;
+  try {
+    doc = await api("/api/dataset");
+  } catch (err) {
+    return say(err.message, true);
+  }
+  const c = doc.counts;
+  $("dataset-counts").textContent =
+    `Training: ${c["train/normal"]} good, ${c["train/anomaly"]} defects · held back for testing: ${c["test/normal"]} good, ${c["test/anomaly"]} defects. ` +
+    (c["train/normal"] < doc.min_normal ? `Training needs at least ${doc.min_normal} good images.` : "");
+  $("dataset-grid").replaceChildren(...doc.items.map(datasetCard));
+}
+
+function datasetCard(item) {
+  const label = el("select", { "aria-label": "label" },
+    el("option", { value: "normal", text: "good" }), el("option", { value: "anomaly", text: "defect" }));
+  label.value = item.label;
+  label.addEventListener("change", () => change(() => post("/api/dataset/move", { id: item.id, label: label.value })));
+  const other = item.split === "train" ? "test" : "train";
+  return el("div", { class: `card ${item.label}`, "data-id": item.id },
+    el("img", { src: `/api/dataset/image/${item.id}?thumb=1`, alt: item.name, loading: "lazy" }),
+    el("div", { class: "body" },
+      el("span", { class: "name", text: item.name }),
+      el("div", { class: "row" },
+        label,
+        el("span", { class: `tag ${item.split}`, text: item.split === "test" ? "test set" : "training set" })),
+      el("div", { class: "row" },
+        el("button", { type: "button", class: "small", text: `move to ${other}`,
+          onclick: () => change(() => post("/api/dataset/move", { id: item.id, split: other })) }),
+        el("button", { type: "button", class: "small ng", text: "delete",
+          onclick: () => confirm(`Delete ${item.name}?`) && change(() => post("/api/dataset/delete", { id: item.id })) }))));
+}
+
+async function change(work) {
+  try {
+    await work();
+    await loadDataset();
+  } catch (err) {
+    say(err.message, true);
+  }
+}
+
+$("upload-files").addEventListener("change", async (event) => {
+  const files = [...event.target.files];
+  const label = $("upload-label").value;
+  let added = 0;
+  const failed = [];
+  for (const file of files) {
+    try {
+      await upload(`/api/dataset/upload?label=${label}`, file);
+      added += 1;
+    } catch (err) {
+      failed.push(err.message);
+    }
+  }
+  event.target.value = "";
+  say(`${added} image(s) added as ${labelName(label)}. ${failed.join(" ")}`, failed.length > 0);
+  loadDataset();
+});
+
+// --- training ---
+
+const METRICS = [
+  ["auroc", "AUROC"], ["average_precision", "average precision"], ["accuracy", "accuracy"],
+  ["precision", "precision"], ["recall", "recall"], ["f1", "F1"], ["threshold", "threshold"],
+  ["tp", "defects caught"], ["fn", "defects missed"], ["fp", "good parts rejected"], ["tn", "good parts passed"],
+];
+const LOWER_IS_BETTER = new Set(["fn", "fp"]);
+let shownSummary = null;
+
+async function loadTraining() {
+  try {
+    const doc = await api("/api/training");
+    showTrainingState(doc, doc.running_id);
+    showResult(doc);
+  } catch (err) {
+    say(err.message, true);
+  }
+}
+
+function showTrainingState(t, runningId) {
+  const running = t.state === "running";
+  $("train-start").disabled = running;
+  $("train-cancel").hidden = !running;
+  $("train-progress").hidden = !running;
+  $("train-state").dataset.state = t.state;
+  if (running) {
+    $("train-progress").max = Math.max(t.total, 1);
+    $("train-progress").value = t.done;
+    const left = t.seconds_left === null ? "" : `, about ${Math.ceil(t.seconds_left)} s left`;
+    $("train-state").textContent = `training: ${t.stage} ${t.done}/${t.total}${left}`;
+  } else if (t.state === "failed") {
+    $("train-state").textContent = `training failed: ${t.error}`;
+  } else if (t.state === "done") {
+    $("train-state").textContent = `trained in ${fmt(t.ended - t.started, 1)} s`;
+  } else {
+    $("train-state").textContent = t.error || "no training running";
+  }
+  if ((t.state === "done" && shownSummary !== t.ended) || ($("activate").dataset.running || "") !== runningId) {
+    shownSummary = t.ended;
+    $("activate").dataset.running = runningId;
+    if (tab === "train" && t.state !== "running") loadTrainingResult();
+  }
+}
+
+async function loadTrainingResult() {
+  try {
+    showResult(await api("/api/training"));
+  } catch (err) {
+    say(err.message, true);
+  }
+}
+
+function showResult(doc) {
+  const s = doc.summary;
+  $("result").hidden = !s;
+  if (!s) return;
+  const cand = s.evaluation.candidate;
+  const run = s.evaluation.running;
+  const inUse = doc.candidate_id === doc.running_id;
+  $("cand-id").textContent = doc.candidate_id;
+  $("cmp-cand-id").textContent = doc.candidate_id;
+  $("cmp-running-id").textContent = run && run.model_id ? run.model_id : doc.running_id;
+  $("activate").disabled = !doc.candidate || inUse;
+  $("activate").textContent = inUse ? "The new model is in use" : "Use the new model";
+  $("discard").disabled = !doc.candidate;
+  const m = s.meta;
+  $("result-facts").textContent =
+    `Trained on ${m.train_normal_count} good images` +
+    (m.train_anomaly_count ? ` and ${m.train_anomaly_count} defects` : "") +
+    ` in ${fmt(s.seconds, 1)} s; threshold ${fmt(m.threshold)} (${m.calibration}). ` +
+    (cand ? `Tested on ${s.test_images} held-back images.` : "No images are held back for testing, so there is no comparison: add more images to the dataset.");
+  const body = document.querySelector("#compare tbody");
+  body.replaceChildren();
+  $("compare").hidden = !cand;
+  $("report-cand").hidden = !cand;
+  $("report-running").hidden = !(run && run.metrics);
+  if (!cand) return $("compare-grid").replaceChildren();
+  $("report-cand").href = "/api/training/files/candidate/report.html";
+  $("report-running").href = "/api/training/files/running/report.html";
+  for (const [key, name] of METRICS) {
+    const a = run && run.metrics ? run.metrics[key] : null;
+    const b = cand.metrics[key];
+    let mark = "";
+    if (a !== null && b !== null && key !== "threshold" && a !== b) {
+      const better = LOWER_IS_BETTER.has(key) ? b < a : b > a;
+      mark = better ? "better" : "worse";
+    }
+    const digits = Number.isInteger(b) ? 0 : 3;
+    body.append(el("tr", {},
+      el("th", { text: name }),
+      el("td", { class: "n", text: run && run.error ? "–" : fmt(a, digits) }),
+      el("td", { class: `n ${mark}`, text: fmt(b, digits) })));
+  }
+  if (run && run.error) say(`The running model cannot be evaluated on the test set: ${run.error}`, true);
+  const cards = Object.entries(cand.images).map(([name, c]) => {
+    const r = run && run.images ? run.images[name] : null;
+    const truth = name.startsWith("ok/") ? "ok" : "ng";
+    const side = (who, x) => x && el("figure", { class: x.verdict !== truth ? "card wrong" : "card" },
+      el("img", { src: `/api/training/files/${x.overlay}`, alt: `${who} ${name}`, loading: "lazy" }),
+      el("figcaption", { class: "body", text: `${who}: ${x.verdict.toUpperCase()} ${fmt(x.score, 2)}` }));
+    return el("div", { class: "card" },
+      el("div", { class: "body" }, el("span", { class: "name", text: `${truth === "ok" ? "good" : "defect"}: ${name.slice(3)}` })),
+      el("div", { class: "pair" }, side("running", r), side("new", c)));
+  });
+  $("compare-grid").replaceChildren(...cards);
+}
+
+act($("train-start"), async () => {
+  await post("/api/training/start");
+  $("train-start").disabled = true;
+  return "training started; the station keeps inspecting meanwhile";
+});
+act($("train-cancel"), async () => {
+  await post("/api/training/cancel");
+  return "training cancelled";
+});
+act($("activate"), async () => {
+  await post("/api/training/activate");
+  return "checking the new model on the newest frame; it is swapped in between two frames";
+});
+act($("discard"), async () => {
+  await post("/api/training/discard");
+  await loadTrainingResult();
+  return "new model discarded";
+});
+act($("rollback"), async () => {
+  await post("/api/model/rollback");
+  return "going back to the previous model";
+});
+
+// --- trial detection ---
+
+$("trial-files").addEventListener("change", async (event) => {
+  const grid = $("trial-grid");
+  grid.replaceChildren();
+  const model = $("trial-model").value;
+  for (const file of [...event.target.files]) {
+    try {
+      const r = await upload(`/api/trial?model=${model}`, file);
+      const add = (label) => el("button", { type: "button", class: `small ${label === "normal" ? "ok" : "ng"}`, text: `add as ${labelName(label)}`,
+        onclick: async (e) => {
+          try {
+            const item = await upload(`/api/dataset/upload?label=${label}`, file);
+            e.target.disabled = true;
+            say(`${file.name} added as ${labelName(label)} (${item.split} set)`);
+          } catch (err) {
+            say(err.message, true);
+          }
+        } });
+      grid.append(el("div", { class: `card trial ${r.verdict}` },
+        el("img", { src: r.overlay, alt: `overlay of ${file.name}` }),
+        el("div", { class: "body" },
+          el("span", { class: "name", text: file.name }),
+          el("span", { class: `verdict-${r.verdict}`, text: `${r.verdict.toUpperCase()} · score ${fmt(r.score, 2)} / ${fmt(r.threshold, 2)} · area ${fmt(100 * r.area, 1)} % · ${r.boxes.length} region(s)` }),
+          el("div", { class: "row" }, add("normal"), add("anomaly")))));
+    } catch (err) {
+      grid.append(el("div", { class: "card trial error" }, el("div", { class: "body" },
+        el("span", { class: "name", text: file.name }), el("span", { class: "verdict-ng", text: err.message }))));
+    }
+  }
+  event.target.value = "";
+});
+
+// --- start ---
+
+startSession().catch((err) => say(err.message, true));
+statusLoop();
+liveLoop();
