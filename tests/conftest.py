@@ -379,9 +379,15 @@ class TLSSubscriber(Subscriber):
 
 
 def write_config(
-    tmp: Path, model: Path, replay: Path, broker: Broker, prefix: str, **sections: dict[str, object]
+    tmp: Path,
+    model: Path,
+    replay: Path,
+    broker: Broker | None,
+    prefix: str,
+    **sections: dict[str, object],
 ) -> Path:
-    """A config file for a station replaying `replay` and publishing under `prefix`.
+    """A config file for a station replaying `replay` and publishing under `prefix` (or, with
+    no broker, keeping its journal only).
 
     Each keyword is a section whose keys override the defaults: mqtt={"keepalive_s": 5}.
     """
@@ -397,7 +403,9 @@ def write_config(
             "stats_interval_s": 0.5,
             "reconnect_min_s": 1,
             "reconnect_max_s": 2,
-        },
+        }
+        if broker
+        else {"enabled": False},
         "storage": {"quota_mb": 5, "save_ok_every": 5},
     }
     for name, values in sections.items():
