@@ -174,17 +174,19 @@ async function liveLoop() {
           const frame = response.headers.get("X-Frame");
           if (frame !== img.dataset.frame) {
             const url = URL.createObjectURL(await response.blob());
-            await new Promise((resolve) => {
-              img.onload = img.onerror = resolve;
-              img.src = url;
-            });
-            if (img.dataset.url) URL.revokeObjectURL(img.dataset.url);
+            // Decode first, then change picture and caption together, so they never disagree.
+            const next = new Image();
+            next.src = url;
+            await next.decode();
+            const old = img.dataset.url;
+            img.src = url;
             img.dataset.url = url;
             img.dataset.frame = frame;
             const verdict = response.headers.get("X-Verdict");
             const caption = $("live-caption");
             caption.textContent = `${verdict.toUpperCase()} · score ${response.headers.get("X-Score")} (threshold ${response.headers.get("X-Threshold")}) · frame ${frame} · ${when(Number(response.headers.get("X-Captured")))}`;
             caption.className = `verdict-${verdict}`;
+            if (old) URL.revokeObjectURL(old);
           }
         } else if (response.status === 401) {
           showLogin();
@@ -365,7 +367,7 @@ function showTrainingState(t, runningId) {
   } else if (t.state === "failed") {
     $("train-state").textContent = `training failed: ${t.error}`;
   } else if (t.state === "done") {
-    $("train-state").textContent = `trained in ${fmt(t.ended - t.started, 1)} s`;
+    $("train-state").textContent = `trained and evaluated in ${fmt(t.ended - t.started, 1)} s`;
   } else {
     $("train-state").textContent = t.error || "no training running";
   }
@@ -419,7 +421,7 @@ function showResult(doc) {
       const better = LOWER_IS_BETTER.has(key) ? b < a : b > a;
       mark = better ? "better" : "worse";
     }
-    const digits = Number.isInteger(b) ? 0 : 3;
+    const digits = ["tp", "fn", "fp", "tn"].includes(key) ? 0 : 3;
     body.append(el("tr", {},
       el("th", { text: name }),
       el("td", { class: "n", text: run && run.error ? "–" : fmt(a, digits) }),
