@@ -271,6 +271,28 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from edge.access import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("page password: ")
+        if getpass.getpass("again: ") != password:
+            print("edge-inspect: the two passwords differ", file=sys.stderr)
+            return EX_USAGE
+    else:  # from a script: echo "$PW" | edge-inspect hash-password
+        password = sys.stdin.readline().rstrip("\n")
+    try:
+        stored = hash_password(password)
+    except ValueError as exc:
+        print(f"edge-inspect: {exc}", file=sys.stderr)
+        return EX_USAGE
+    print("# put this line in the [web] section of the station's config:")
+    print(f'password_hash = "{stored}"')
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edge-inspect", description="Teach a camera station good parts; flag the bad ones."
@@ -366,6 +388,11 @@ def parser() -> argparse.ArgumentParser:
     rec.add_argument("--limit", type=int, default=20, help="how many to list (default 20)")
     rec.add_argument("--csv", type=Path, help="export all records to this CSV file (- for stdout)")
     rec.set_defaults(func=cmd_records)
+
+    h = sub.add_parser(
+        "hash-password", help="make the [web] password_hash for the station page's password"
+    )
+    h.set_defaults(func=cmd_hash_password)
 
     w = sub.add_parser("watch", help="print what a line controller sees on the broker")
     w.add_argument("--config", type=Path, help="take broker, prefix, TLS and login from a config")

@@ -2,6 +2,7 @@
 
     python scripts/benchmark_service.py                   # synthetic 640x480 parts, default model
     python scripts/benchmark_service.py --data ../shared/datasets/aliens --seconds 60
+    python scripts/benchmark_service.py --viewers 0,2     # without, then with the page watched
 
 For each rate it starts a private Mosquitto, runs `edge-inspect run` as its own process (folder
 source, free-run, one inference thread) and subscribes to the verdicts as a line controller
@@ -9,12 +10,15 @@ would. End-to-end latency is the moment the subscriber receives a verdict minus 
 capture time in the verdict (both on this machine's clock): it includes image decoding,
 inference, the journal write and the trip through the broker. "max" replays far faster than the
 station can inspect, so the newest frame always wins and the verdict rate is the throughput.
-Peak RSS is the station process's VmHWM.
+Peak RSS is the station process's VmHWM. With --viewers N the station page is on and N
+clients watch it as the page does: the live picture every 250 ms plus the status each second;
+"page fps" is how many new live pictures a viewer got a second.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import shutil
 import socket
@@ -81,16 +85,44 @@ def prepare(work: Path, data: Path | None) -> tuple[Path, Path]:
     return model, replay
 
 
-def run_rate(model: Path, replay: Path, fps: float, seconds: float, work: Path) -> dict[str, float]:
+def watch_page(port: int, stop: threading.Event, frames: list[str]) -> None:
+    """Poll the page as a browser on the Live tab does; note each new frame number."""
+    next_status = 0.0
+    while not stop.is_set():
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/api/live.jpg", headers={"Host": f"127.0.0.1:{port}"})
+            resp = conn.getresponse()
+            resp.read()
+            frame = resp.getheader("X-Frame")
+            if frame and (not frames or frames[-1] != frame):
+                frames.append(frame)
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + 1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/api/status", headers={"Host": f"127.0.0.1:{port}"})
+                conn.getresponse().read()
+            conn.close()
+        except OSError:
+            pass  # not listening yet
+        stop.wait(0.25)
+
+
+def run_rate(
+    model: Path, replay: Path, fps: float, seconds: float, work: Path, viewers: int = 0
+) -> dict[str, float]:
     broker, port = start_broker(work)
-    state = work / f"state-{fps:g}"
-    config = work / f"config-{fps:g}.toml"
+    state = work / f"state-{fps:g}-{viewers}"
+    config = work / f"config-{fps:g}-{viewers}.toml"
+    web_port = free_port()
     config.write_text(
         f'[station]\nname = "bench"\nbudget_ms = 100\nstate_dir = "{state}"\n'
         f'[model]\npath = "{model}"\nthreads = 1\n'
         f'[source]\nkind = "folder"\npath = "{replay}"\nfps = {fps}\nloop = true\n'
         f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nprefix = "bench"\nstats_interval_s = 5\n'
         f"[storage]\nquota_mb = 200\nsave_ok_every = 0\n"
+        f"[web]\nenabled = {str(viewers > 0).lower()}\nport = {web_port}\n"
     )
     received: list[tuple[float, dict[str, object]]] = []
     lock = threading.Lock()
@@ -111,6 +143,13 @@ def run_rate(model: Path, replay: Path, fps: float, seconds: float, work: Path) 
         stderr=subprocess.PIPE,
         text=True,
     )
+    stop = threading.Event()
+    seen: list[list[str]] = [[] for _ in range(viewers)]
+    watchers = [
+        threading.Thread(target=watch_page, args=(web_port, stop, frames)) for frames in seen
+    ]
+    for w in watchers:
+        w.start()
     try:
         # Warm-up: the first verdicts include model loading and cache warm-up; skip 3 s.
         deadline = time.time() + 60
@@ -119,13 +158,19 @@ def run_rate(model: Path, replay: Path, fps: float, seconds: float, work: Path) 
         time.sleep(3)
         with lock:
             received.clear()
+        for frames in seen:
+            frames.clear()
         t0 = time.time()
         time.sleep(seconds)
         with lock:
             window = list(received)
+        page_frames = [len(frames) for frames in seen]
         elapsed = time.time() - t0
         rss = peak_rss_mb(station.pid)
     finally:
+        stop.set()
+        for w in watchers:
+            w.join()
         station.terminate()
         _, err = station.communicate(timeout=30)
         sub.disconnect()
@@ -149,6 +194,7 @@ def run_rate(model: Path, replay: Path, fps: float, seconds: float, work: Path) 
         "over_budget": float(sum(bool(p["over_budget"]) for _, p in window)),
         "rss_mb": rss,
         "verdicts": float(len(window)),
+        "page_fps": float(np.mean(page_frames)) / elapsed if viewers else float("nan"),
     }
 
 
@@ -161,27 +207,36 @@ def main() -> None:
         "--rates", default="10,20,max", help="replay rates, fps (default 10,20,max)"
     )
     parser.add_argument("--seconds", type=float, default=30, help="measuring time per rate")
+    parser.add_argument(
+        "--viewers", default="0", help="page viewers to run each rate with, e.g. 0,2 (default 0)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, replay = prepare(work, args.data)
         rows = []
         for rate in args.rates.split(","):
-            fps = 1000.0 if rate == "max" else float(rate)
-            print(f"measuring at {rate} fps for {args.seconds:g} s ...", file=sys.stderr)
-            rows.append((rate, run_rate(model, replay, fps, args.seconds, work)))
+            for viewers in map(int, args.viewers.split(",")):
+                fps = 1000.0 if rate == "max" else float(rate)
+                print(
+                    f"measuring at {rate} fps, {viewers} page viewers, for {args.seconds:g} s ...",
+                    file=sys.stderr,
+                )
+                result = run_rate(model, replay, fps, args.seconds, work, viewers)
+                rows.append((rate, viewers, result))
     print(f"data: {args.data or 'synthetic parts 640x480'}, one inference thread\n")
     print(
-        "| replay fps | verdicts/s | e2e p50 ms | p95 | p99 | max | decide p50 | infer p50 "
-        "| over budget | peak RSS MB |"
+        "| replay fps | page viewers | verdicts/s | e2e p50 ms | p95 | p99 | max | decide p50 "
+        "| infer p50 | over budget | peak RSS MB | page fps |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for rate, r in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for rate, viewers, r in rows:
+        page = f"{r['page_fps']:.1f}" if viewers else "-"
         print(
-            f"| {rate} | {r['verdicts_per_s']:.1f} | {r['e2e_p50']:.1f} | {r['e2e_p95']:.1f} "
-            f"| {r['e2e_p99']:.1f} | {r['e2e_max']:.1f} | {r['decide_p50']:.1f} "
-            f"| {r['infer_p50']:.1f} | {r['over_budget']:.0f}/{r['verdicts']:.0f} "
-            f"| {r['rss_mb']:.0f} |"
+            f"| {rate} | {viewers} | {r['verdicts_per_s']:.1f} | {r['e2e_p50']:.1f} "
+            f"| {r['e2e_p95']:.1f} | {r['e2e_p99']:.1f} | {r['e2e_max']:.1f} "
+            f"| {r['decide_p50']:.1f} | {r['infer_p50']:.1f} "
+            f"| {r['over_budget']:.0f}/{r['verdicts']:.0f} | {r['rss_mb']:.0f} | {page} |"
         )
 
 

@@ -4,9 +4,21 @@
 # then run the whole station: a folder of test images replayed as a camera at 5 frames/s,
 # verdicts published to a private Mosquitto broker, and `edge-inspect watch` showing them as
 # the line controller sees them. Everything it writes goes under demo/ (git-ignored).
+#   bash scripts/demo.sh          # the station replays the test images once, then stops
+#   bash scripts/demo.sh --page   # the station keeps running with its page open on localhost
+#                                 # (label, train, swap models in a browser); Ctrl-C stops it
 # Needs Mosquitto; on Debian it installs it with apt-get (through sudo when not root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+page=0
+case "${1:-}" in
+--page) page=1 ;;
+"") ;;
+*)
+    echo "usage: bash scripts/demo.sh [--page]" >&2
+    exit 64
+    ;;
+esac
 
 sudo=()
 ((EUID == 0)) || sudo=(sudo)
@@ -65,7 +77,10 @@ for i in "${!goods[@]}"; do
     [[ -z "$bad" ]] || cp "$bad" "demo/replay/$(printf %03d "$i")b-$(basename "$bad")"
 done
 
-port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+web_port=8080
+(exec 3<>"/dev/tcp/127.0.0.1/$web_port") 2>/dev/null && web_port=$(free_port) # 8080 is taken
 cat >demo/mosquitto.conf <<EOF
 listener $port 127.0.0.1
 allow_anonymous true
@@ -97,7 +112,7 @@ path = "demo/model.onnx"
 kind = "folder"
 path = "demo/replay"
 fps = 5
-loop = false                      # the station stops by itself after the last image
+loop = $( ((page)) && echo true || echo false )   # false: the station stops after the last image
 
 [trigger]
 mode = "free"
@@ -107,14 +122,39 @@ host = "127.0.0.1"
 port = $port
 prefix = "demo/line1/station1"
 stats_interval_s = 5
+
+[web]
+enabled = true                    # the station page, on this machine only (127.0.0.1)
+port = $web_port
 EOF
 edge-inspect check-config demo/config.toml
+
+# The station's own dataset (the page's Dataset tab) starts with the training images, one in
+# five held back for testing, as the page does with the frames you label.
+for label in normal anomaly; do
+    i=0
+    for f in demo/data/train/$label/*.png; do
+        split=train
+        (((++i) % 5)) || split=test
+        mkdir -p "demo/state/dataset/$split/$label"
+        cp "$f" "demo/state/dataset/$split/$label/"
+    done
+done
+
+if ((page)); then
+    echo
+    echo "=== the station page: open http://127.0.0.1:$web_port/ in a browser; Ctrl-C stops ==="
+    echo "(Train: train a new model from the dataset, compare it, use it; Try: upload images)"
+    edge-inspect run --config demo/config.toml
+    exit 0
+fi
 
 # The line controller's view, in the background; the station in the foreground.
 edge-inspect watch --config demo/config.toml --seconds 120 &
 pids+=($!)
 watch_pid=$!
 sleep 1 # let watch subscribe before the first verdict
+echo "the station page is at http://127.0.0.1:$web_port/ while the station runs (demo.sh --page keeps it)"
 edge-inspect run --config demo/config.toml
 sleep 0.5 # the last messages (stats, offline) reach watch
 kill "$watch_pid" 2>/dev/null || true
@@ -129,3 +169,4 @@ echo "journal:    demo/state/journal.sqlite  (all of it: edge-inspect records --
 echo "NG frames:  $ng in demo/state/frames/<UTC date>/, as <seq>-ng.jpg"
 echo "overlays:   the same folder, as <seq>-ng-overlay.jpg"
 echo "config:     demo/config.toml, broker log demo/mosquitto.log"
+echo "the page:   bash scripts/demo.sh --page   keeps the station running, with its page on localhost"

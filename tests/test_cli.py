@@ -121,3 +121,35 @@ def test_bad_roi_is_a_usage_error(tmp_path: Path, textures: Path) -> None:
     assert r.returncode == 2 and "x,y,w,h" in r.stderr
     r = run("train", textures / "train", "-o", tmp_path / "m.onnx", "--roi", "0,0,5000,10")
     assert r.returncode == EX_DATAERR and "does not fit" in r.stderr
+
+
+def test_hash_password_makes_a_line_for_the_config(tmp_path: Path) -> None:
+    from edge.access import verify_password
+    from edge.config import parse_config
+
+    r = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "hash-password"],
+        input="line three secret\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.splitlines()[-1]
+    assert line.startswith('password_hash = "scrypt$') and "line three secret" not in r.stdout
+    cfg = parse_config(
+        '[model]\npath = "m.onnx"\n[source]\nkind = "folder"\npath = "x"\n'
+        f'[web]\nenabled = true\nhost = "0.0.0.0"\n{line}\n'
+    )
+    assert cfg.web.password_hash is not None
+    assert verify_password("line three secret", cfg.web.password_hash)
+    assert not verify_password("line three secreT", cfg.web.password_hash)
+    short = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "hash-password"],
+        input="short\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert short.returncode == 64
+    assert short.stderr == "edge-inspect: the password must have 8 to 1024 characters\n"
