@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,7 @@ class Trainer:
             self._proc = subprocess.Popen(
                 cmd,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stderr=subprocess.STDOUT,  # one pipe: a chatty child cannot fill a second one
                 stdin=subprocess.DEVNULL,
                 text=True,
             )
@@ -120,23 +121,17 @@ class Trainer:
                 self._state = {"state": "idle"}
             return True
 
-    def wait(self, timeout: float | None = None) -> None:
-        """Wait for a running training to end (for tests and for shutting down)."""
-        with self._lock:
-            proc = self._proc
-        if proc is not None:
-            proc.wait(timeout)
-        deadline = time.monotonic() + (timeout or 10.0)
-        while self.state()["state"] == "running" and time.monotonic() < deadline:
-            time.sleep(0.02)
-
     def _follow(self, proc: subprocess.Popen[str], out: Path) -> None:
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout is not None
         stage_start = time.monotonic()
+        said: deque[str] = deque(maxlen=20)  # the child's last words, for a failure
         for line in proc.stdout:
             try:
                 msg = json.loads(line)
             except ValueError:
+                said.append(line.strip())
+                continue
+            if not isinstance(msg, dict):
                 continue
             with self._lock:
                 if msg.get("stage") != self._state.get("stage"):
@@ -149,7 +144,6 @@ class Trainer:
                     total=total,
                     seconds_left=round(spent / done * (total - done), 1) if done else None,
                 )
-        err = proc.stderr.read().strip()
         code = proc.wait()
         with self._lock:
             cancelled = self._state.get("cancelled", False)
@@ -165,7 +159,10 @@ class Trainer:
             elif cancelled:
                 self._state = {"state": "idle", "error": "training cancelled", **finished}
             else:
-                why = err.splitlines()[-1] if err else f"training ended with exit code {code}"
+                why = next(
+                    (w for w in reversed(said) if w.startswith("edge-inspect: ")),
+                    said[-1] if said else f"training ended with exit code {code}",
+                )
                 self._state = {"state": "failed", "error": why.removeprefix("edge-inspect: ")}
             if out.exists():
                 _remove(out)

@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -129,7 +130,7 @@ class Web:
         self.trainer = Trainer(self.dataset.root, state / "training")
         self.sessions = Sessions(self.cfg.password_hash, self.cfg.session_hours * 3600)
         self.local_only = is_loopback(self.cfg.host)
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._live_lock = threading.Lock()
         self._live: tuple[Latest, float, bytes] | None = None  # what was shown, when, JPEG
         self._candidate: tuple[tuple[int, int, str], Model] | None = None
@@ -168,8 +169,9 @@ class Web:
 
     def start(self) -> bool:
         """Listen and serve in a thread; False (and an error in the log) if the port is taken."""
+        kind = _Server6 if ":" in self.cfg.host else _Server
         try:
-            server = ThreadingHTTPServer((self.cfg.host, self.cfg.port), _Handler)
+            server = kind((self.cfg.host, self.cfg.port), _Handler)
         except OSError as exc:
             log.error(
                 "the page cannot listen on %s:%d (%s); inspecting without it",
@@ -178,8 +180,7 @@ class Web:
                 exc.strerror or exc,
             )
             return False
-        server.daemon_threads = True
-        server.web = self  # type: ignore[attr-defined]
+        server.web = self
         self._server = server
         threading.Thread(target=server.serve_forever, args=(0.25,), name="web", daemon=True).start()
         log.info("station page at %s", self.url)
@@ -588,6 +589,15 @@ class Web:
         return image
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a slow client does not hold up the station's exit
+    web: Web
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "edge-inspect"
     sys_version = ""
@@ -599,8 +609,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._answer("POST")
 
+    server: _Server
+
     def _answer(self, method: str) -> None:
-        web: Web = self.server.web  # type: ignore[attr-defined]
+        web = self.server.web
         url = urlsplit(self.path)
         req = Request(
             method=method,

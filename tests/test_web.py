@@ -505,3 +505,18 @@ def test_training_failure_is_reported_and_leaves_no_candidate(
     }
     leftovers = list((station.cfg.station.state_dir / "training").iterdir())
     assert leftovers == []
+
+
+def test_training_can_be_cancelled(start_page: StartPage, parts: Path) -> None:
+    station, page = start_page()
+    page.start()
+    _fill_dataset(page, parts)
+    assert page.post("/api/training/cancel")[1] == {"error": "no model is being trained"}
+    assert page.post("/api/training/start")[0] == 202
+    assert page.post("/api/training/cancel")[0] == 202
+    doc = wait_until(
+        lambda: (d := page.get("/api/training")[1])["state"] != "running" and d, 60, "the end"
+    )
+    assert doc["state"] == "idle" and doc["error"] == "training cancelled"
+    assert not doc["candidate"]
+    assert list((station.cfg.station.state_dir / "training").iterdir()) == []
