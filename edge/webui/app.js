@@ -341,11 +341,15 @@ const METRICS = [
   ["tp", "defects caught"], ["fn", "defects missed"], ["fp", "good parts rejected"], ["tn", "good parts passed"],
 ];
 const LOWER_IS_BETTER = new Set(["fn", "fp"]);
-let shownSummary = null;
+// The result shown is for this training state and running model; it is fetched again when
+// either changes (a training ended, a model was swapped in or discarded).
+let resultKey = null;
+const keyOf = (t, runningId) => `${t.state}|${t.ended}|${runningId}`;
 
 async function loadTraining() {
   try {
     const doc = await api("/api/training");
+    resultKey = keyOf(doc, doc.running_id);
     showTrainingState(doc, doc.running_id);
     showResult(doc);
   } catch (err) {
@@ -371,10 +375,9 @@ function showTrainingState(t, runningId) {
   } else {
     $("train-state").textContent = t.error || "no training running";
   }
-  if ((t.state === "done" && shownSummary !== t.ended) || ($("activate").dataset.running || "") !== runningId) {
-    shownSummary = t.ended;
-    $("activate").dataset.running = runningId;
-    if (tab === "train" && t.state !== "running") loadTrainingResult();
+  if (!running && keyOf(t, runningId) !== resultKey) {
+    resultKey = keyOf(t, runningId);
+    loadTrainingResult();
   }
 }
 
