@@ -73,6 +73,7 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const fmt = (x, digits = 3) => (x === null || x === undefined || Number.isNaN(x) ? "–" : Number(x).toFixed(digits));
 const when = (wall) => new Date(wall * 1000).toLocaleString();
 const labelName = (label) => (label === "normal" ? "good" : "defect");
+const defects = (n) => `${n} defect${n === 1 ? "" : "s"}`;
 
 // --- login ---
 
@@ -281,7 +282,7 @@ async function loadDataset() {
   }
   const c = doc.counts;
   $("dataset-counts").textContent =
-    `Training: ${c["train/normal"]} good, ${c["train/anomaly"]} defects · held back for testing: ${c["test/normal"]} good, ${c["test/anomaly"]} defects. ` +
+    `Training: ${c["train/normal"]} good, ${defects(c["train/anomaly"])} · held back for testing: ${c["test/normal"]} good, ${defects(c["test/anomaly"])}. ` +
     (c["train/normal"] < doc.min_normal ? `Training needs at least ${doc.min_normal} good images.` : "");
   $("dataset-grid").replaceChildren(...doc.items.map(datasetCard));
 }
