@@ -320,8 +320,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--augment",
         type=int,
-        default=0,
-        help="extra shifted/rotated copies per good image, for hand-placed parts",
+        default=3,
+        help="extra shifted copies per good image (default 3; 0: none)",
     )
     t.add_argument(
         "--false-reject-rate",

@@ -28,7 +28,7 @@ def test_train_prints_progress_and_a_summary(tmp_path: Path, textures: Path) -> 
     out = tmp_path / "m.onnx"
     r = run("train", textures / "train", "-o", out)
     assert r.returncode == 0, r.stderr
-    assert "features: 20/20 images" in r.stderr
+    assert "features: 80/80 images" in r.stderr  # 20 good images and 3 shifted copies of each
     assert "threshold" in r.stdout and "expected false rejects" in r.stdout
     assert out.is_file() and not list(tmp_path.glob(".*.tmp"))
     assert out.stat().st_mode & 0o777 == 0o644, "the station's own user must be able to read it"
