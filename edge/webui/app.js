@@ -399,7 +399,10 @@ function showResult(doc) {
   const inUse = doc.candidate_id === doc.running_id;
   $("cand-id").textContent = doc.candidate_id;
   $("cmp-cand-id").textContent = doc.candidate_id;
-  $("cmp-running-id").textContent = run && run.model_id ? run.model_id : doc.running_id;
+  const compared = run && run.model_id ? run.model_id : doc.running_id;
+  $("cmp-running-id").textContent = compared;
+  // After a swap the comparison still shows the model that ran when the new one was trained.
+  $("cmp-running-label").textContent = compared === doc.running_id ? "running" : "replaced";
   $("activate").disabled = !doc.candidate || inUse;
   $("activate").textContent = inUse ? "The new model is in use" : "Use the new model";
   $("discard").disabled = !doc.candidate;
