@@ -14,12 +14,15 @@ from edge.cli import EX_DATAERR, EX_NOINPUT
 from edge.images import list_images
 
 
-def run(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: object, cwd: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edge.cli", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
+        input=stdin,
         timeout=300,
     )
 
@@ -127,13 +130,7 @@ def test_hash_password_makes_a_line_for_the_config(tmp_path: Path) -> None:
     from edge.access import verify_password
     from edge.config import parse_config
 
-    r = subprocess.run(
-        [sys.executable, "-m", "edge.cli", "hash-password"],
-        input="line three secret\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run("hash-password", stdin="line three secret\n")
     assert r.returncode == 0, r.stderr
     line = r.stdout.splitlines()[-1]
     assert line.startswith('password_hash = "scrypt$') and "line three secret" not in r.stdout
@@ -144,12 +141,6 @@ def test_hash_password_makes_a_line_for_the_config(tmp_path: Path) -> None:
     assert cfg.web.password_hash is not None
     assert verify_password("line three secret", cfg.web.password_hash)
     assert not verify_password("line three secreT", cfg.web.password_hash)
-    short = subprocess.run(
-        [sys.executable, "-m", "edge.cli", "hash-password"],
-        input="short\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    short = run("hash-password", stdin="short\n")
     assert short.returncode == 64
     assert short.stderr == "edge-inspect: the password must have 8 to 1024 characters\n"
