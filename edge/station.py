@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -319,7 +320,7 @@ class Station:
 
     @property
     def previous_model(self) -> Path:
-        """Where the model replaced by the last activate() is kept, for a roll-back."""
+        """Where reload(install=...) keeps the model file it replaced, for a roll-back."""
         path = self.cfg.model.path
         return path.with_name(f"{path.stem}.previous{path.suffix}")
 
@@ -350,6 +351,8 @@ class Station:
     def _load_candidate(self, reference: np.ndarray | None, why: str, install: Path | None) -> None:
         path = self.cfg.model.path
         try:
+            # The file's signature before it is read: one written meanwhile is loaded later.
+            st = None if install else path.stat()
             model = Model(
                 install or path,
                 threads=self.cfg.model.threads,
@@ -359,11 +362,14 @@ class Station:
                 model.run(reference)
             if install is not None:
                 data = install.read_bytes()
+                if hashlib.sha256(data).hexdigest() != model.sha256:
+                    raise ModelError(f"model {install} changed while it was being checked")
                 if path.is_file():
                     write_atomically(self.previous_model, path.read_bytes())
                 write_atomically(path, data)
                 model.path = path
-            st = path.stat()
+                st = path.stat()
+            assert st is not None
             self._candidates.put((model, (st.st_mtime_ns, st.st_size)))
         except (ModelError, ValueError, OSError) as exc:
             self._candidates.put(
