@@ -93,7 +93,8 @@ class Sessions:
         return self.password_hash is not None
 
     def login(self, password: str, address: str) -> str:
-        """Check a password; return a new session id. ValueError says why not."""
+        """Check a password; return a new session id. ValueError for a wrong password,
+        PermissionError while the address is locked out after earlier wrong ones."""
         assert self.password_hash is not None
         with self._lock:
             count, until = self._failures.get(address, (0, 0.0))

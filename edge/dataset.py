@@ -3,7 +3,8 @@
 <root>/train/normal, train/anomaly, test/normal, test/anomaly. New images go to `train`
 except that about one in five of each label is kept back in `test`, so that a model trained
 here is judged on images it has not seen (as Lookout for Vision split a single dataset).
-An item is named by its path below the root, "train/normal/cap-20261126-093000-17.png".
+An item is named by its path below the root, "train/normal/cap-20261126-093000-<hash>.png",
+where the hash is of the pixels (images.pixel_hash).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Dataset:
 
     >>> ds = Dataset(state_dir / "dataset")                  # doctest: +SKIP
     >>> ds.add(frame, "normal", "cap").id                    # doctest: +SKIP
-    'train/normal/cap-20261126-093000-1.png'
+    'train/normal/cap-20261126-093000-3f9a0c1b2d4e5f60.png'
     """
 
     def __init__(self, root: Path) -> None:
@@ -77,7 +78,10 @@ class Dataset:
                     if path.suffix.lower() in IMAGE_SUFFIXES and _ITEM.match(
                         f"{split}/{label}/{path.name}"
                     ):
-                        st = path.stat()
+                        try:
+                            st = path.stat()
+                        except FileNotFoundError:
+                            continue  # deleted a moment ago
                         out.append(Item(split, label, path.name, st.st_size, st.st_mtime))
         return sorted(out, key=lambda i: (-i.mtime, i.id))
 
