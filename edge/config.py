@@ -196,6 +196,14 @@ class StorageConfig(_Section):
         description="Save one OK frame in this many (0: none), to keep a sample of good parts",
     )
     jpeg_quality: int = Field(90, ge=50, le=100, description="JPEG quality of saved frames")
+    journal_days: float = Field(
+        90.0, gt=0, description="Journal records older than this are deleted (once delivered)"
+    )
+    journal_max_records: int = Field(
+        2_000_000,
+        ge=1000,
+        description="At most this many journal records (about 90 bytes each); the oldest go",
+    )
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")

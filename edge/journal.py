@@ -303,6 +303,31 @@ class Journal:
             ).fetchone()
         return {"total": total, "ng": ng, "unpublished": unpublished}
 
+    def backlog(self) -> int:
+        """How many records are not yet published (cheap: a partial index holds just those)."""
+        with self._guard("count the backlog") as conn:
+            n: int = conn.execute("SELECT count(*) FROM records WHERE published = 0").fetchone()[0]
+        return n
+
+    def prune(
+        self, before_wall: float, keep_last: int, keep_unpublished: bool = True, batch: int = 2000
+    ) -> int:
+        """Delete the oldest records captured before `before_wall` or beyond the newest
+        `keep_last`, at most `batch` of them (short lock, called often); return how many.
+
+        Records not yet published stay while `keep_unpublished`: they are the backlog.
+        Example, once a minute: `journal.prune(time.time() - 30 * 86400, keep_last=2_000_000)`.
+        """
+        published = " AND published = 1" if keep_unpublished else ""
+        with self._guard("delete old records") as conn:
+            newest = conn.execute("SELECT max(seq) FROM records").fetchone()[0] or 0
+            cur = conn.execute(
+                "DELETE FROM records WHERE seq IN (SELECT seq FROM records "
+                f"WHERE (wall < ? OR seq <= ?){published} ORDER BY seq LIMIT ?)",
+                (before_wall, newest - keep_last, batch),
+            )
+        return int(cur.rowcount)
+
     def export_csv(self, out: TextIO, since: float | None = None, ng_only: bool = False) -> int:
         """Write a header and one row per record, oldest first, and return the number of rows.
 

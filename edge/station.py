@@ -45,6 +45,7 @@ SOURCE_REOPEN_AFTER = 3
 LATENCY_WINDOW = 1000  # verdicts the stats percentiles are taken over
 FPS_WINDOW_S = 5.0  # the inspection rate is counted over this many seconds
 MODEL_POLL_S = 1.0  # how often the model file is looked at for a new version
+PRUNE_EVERY_S = 10.0  # old journal records are deleted a batch at a time, this often
 
 
 class _Command(BaseModel):
@@ -236,6 +237,7 @@ class Station:
         )
         next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
         next_watch = time.monotonic() + MODEL_POLL_S
+        next_prune = time.monotonic()
         period = 1.0 / self.cfg.trigger.rate_hz if self.cfg.trigger.rate_hz else 0.0
         next_frame = time.monotonic()
         try:
@@ -250,6 +252,9 @@ class Station:
                 if now >= next_stats:
                     next_stats += self.cfg.mqtt.stats_interval_s
                     self._publish_stats()
+                if now >= next_prune:
+                    next_prune = now + PRUNE_EVERY_S
+                    self._prune_journal()
                 self._flush_backlog()
                 if self.paused:
                     continue
@@ -431,11 +436,27 @@ class Station:
             "dropped": self.source.dropped,
             "model_id": self.model.id,
             "status": self.status,
-            "backlog": self.journal.counts()["unpublished"],
+            "backlog": self.journal.backlog(),
             "broker_connects": self.link.connects if self.link else 0,
         }
         if self.link:
             self.link.publish_stats(doc)
+
+    def _prune_journal(self) -> None:
+        """Keep the journal within storage.journal_days and journal_max_records. Without a
+        broker nothing is ever delivered, so then age and count alone decide."""
+        storage = self.cfg.storage
+        try:
+            gone = self.journal.prune(
+                time.time() - storage.journal_days * 86400,
+                storage.journal_max_records,
+                keep_unpublished=self.link is not None,
+            )
+        except JournalError as exc:
+            log.warning("%s", exc)
+            return
+        if gone:
+            log.debug("deleted %d old journal records", gone)
 
     def _flush_backlog(self, batch: int = 50) -> None:
         link = self.link

@@ -301,7 +301,6 @@ class Web:
         model = st.model
         link = st.link
         event = st.model_event
-        counts = st.journal.counts()
         return _json(
             {
                 "station": st.cfg.station.name,
@@ -313,8 +312,7 @@ class Web:
                 "dropped": st.source.dropped,
                 "budget_ms": st.cfg.station.budget_ms,
                 **st.stats.as_dict(),
-                "records": counts["total"],
-                "backlog": counts["unpublished"] if link else None,
+                "backlog": st.journal.backlog() if link else None,
                 "broker": {
                     "enabled": link is not None,
                     "connected": bool(link and link.connected.is_set()),

@@ -295,3 +295,25 @@ def test_readers_in_other_threads_while_writing(tmp_path: Path) -> None:
     assert other.counts()["total"] == 300
     other.close()
     journal.close()
+
+
+def test_prune_deletes_old_delivered_records_oldest_first_in_batches(journal: Journal) -> None:
+    records = [journal.append(**verdict(i)) for i in range(100)]
+    for r in records[:60]:
+        journal.mark_published(r.seq)
+    # Records 0-49 are older than the cut-off; 0-59 are delivered.
+    cutoff = T0 + 50 * 0.1 - 0.01
+    assert journal.prune(cutoff, keep_last=10**6, batch=20) == 20
+    assert journal.prune(cutoff, keep_last=10**6, batch=20) == 20
+    assert journal.prune(cutoff, keep_last=10**6, batch=20) == 10
+    assert journal.prune(cutoff, keep_last=10**6, batch=20) == 0
+    left = [r.seq for r in journal.recent(limit=1000)]
+    assert sorted(left) == [r.seq for r in records[50:]]
+    assert journal.backlog() == 40  # the undelivered ones are all still there
+
+    # The count limit: only delivered records go, so 50-59; then, without a broker, any.
+    assert journal.prune(0.0, keep_last=30) == 10
+    assert journal.backlog() == 40 and journal.counts()["total"] == 40
+    assert journal.prune(0.0, keep_last=30, keep_unpublished=False) == 10
+    assert [r.seq for r in journal.recent(limit=1000)][-1] == records[70].seq
+    assert journal.backlog() == 30

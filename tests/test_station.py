@@ -593,3 +593,25 @@ def test_unit_sandbox_exposure_is_3_or_less(tmp_path: Path) -> None:
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout + r.stderr)
     assert found, r.stdout[-2000:] + r.stderr
     assert float(found.group(1)) <= 3.0
+
+
+def test_journal_keeps_to_its_age_limit_while_inspecting(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    run_station: Callable[[Path], Station],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import edge.station
+
+    monkeypatch.setattr(edge.station, "PRUNE_EVERY_S", 0.2)
+    # No broker: nothing is ever delivered, so age alone decides. One second of records kept.
+    config = write_config(
+        tmp_path, model_file, replay, None, "prune", storage={"journal_days": 1 / 86400}
+    )
+    station = run_station(config)
+    time.sleep(3)
+    records = station.journal.recent(limit=1000)
+    assert station.stats.verdicts >= 40  # 20 frames/s for 3 s
+    assert len(records) < 0.6 * station.stats.verdicts
+    assert time.time() - records[-1].wall < 1.5
