@@ -15,6 +15,7 @@ import re
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
@@ -52,6 +53,7 @@ COOKIE = "edge_inspect_session"
 CSRF_HEADER = "X-CSRF-Token"
 MAX_JSON_BYTES = 64 * 1024
 PREVIEW_SIDE = 800  # longer side of live pictures and trial overlays, px
+SHOWN_FRAMES = 8  # live frames held for "add this frame" (2 s at 4 pictures a second)
 _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
@@ -133,6 +135,9 @@ class Web:
         self._server: _Server | None = None
         self._live_lock = threading.Lock()
         self._live: tuple[Latest, float, bytes] | None = None  # what was shown, when, JPEG
+        # The frames recently sent to the page, so "add this frame" finds the one on screen
+        # even when a newer picture is already on its way to the browser.
+        self._shown: deque[Latest] = deque(maxlen=SHOWN_FRAMES)
         self._candidate: tuple[tuple[int, int, str], Model] | None = None
         self._routes: list[tuple[str, re.Pattern[str], Handler, bool]] = []
         get, post = "GET", "POST"
@@ -339,6 +344,7 @@ class Web:
             if fresh:
                 picture = draw_preview(latest.frame.image, latest.detection, PREVIEW_SIDE)
                 self._live = shown = (latest, time.monotonic(), _jpeg(picture, 80))
+                self._shown.append(latest)
         assert shown is not None
         seen, _, jpg = shown
         det = seen.detection
@@ -414,12 +420,13 @@ class Web:
         doc = req.json()
         label = _label(doc.get("label"))
         wanted = doc.get("frame")
-        with self._live_lock:
-            chosen = self._live[0] if self._live else None
         if wanted is None:
             chosen = self.station.latest
-        elif chosen is None or chosen.frame.seq != wanted:
-            raise HttpError(409, f"frame {wanted} is no longer held; capture again")
+        else:
+            with self._live_lock:
+                chosen = next((s for s in self._shown if s.frame.seq == wanted), None)
+            if chosen is None:
+                raise HttpError(409, f"frame {wanted} is no longer held; capture again")
         if chosen is None:
             raise HttpError(409, "no frame has been inspected yet")
         try:

@@ -2,6 +2,7 @@
 
     python scripts/soak.py                      # 10 minutes at 20 frames/s, broker restarted twice
     python scripts/soak.py --minutes 2 --restarts 1
+    python scripts/soak.py --viewers 2          # with the station page on and watched
 
 Not part of the test run (it takes its minutes). It starts a Mosquitto that keeps sessions
 across restarts, a line-controller subscriber with a persistent session, and `edge-inspect
@@ -9,7 +10,8 @@ run` replaying synthetic parts in free-run. It stops the broker `--restarts` tim
 `--outage-s` seconds, samples the station's RSS and open file descriptors every 10 s, then
 stops the station with SIGTERM and checks: the journal holds one record per inspected frame,
 live verdicts plus backlog equal the journal (no record missing, none twice), and neither
-memory nor file descriptors grew after the warm-up minute. Exit 1 if a check fails.
+memory nor file descriptors grew after the warm-up minute. With --viewers N the page is on and
+N clients watch its Live tab throughout. Exit 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmark_service import free_port, prepare
+from benchmark_service import free_port, prepare, watch_page
 
 
 class Broker:
@@ -73,7 +75,9 @@ def main() -> int:
     parser.add_argument("--fps", type=float, default=20)
     parser.add_argument("--restarts", type=int, default=2)
     parser.add_argument("--outage-s", type=float, default=20)
+    parser.add_argument("--viewers", type=int, default=0, help="clients watching the page")
     args = parser.parse_args()
+    web_port = free_port()
     work = Path(tempfile.mkdtemp(prefix="edge-soak-"))
     model, replay = prepare(work, None)
     broker = Broker(work)
@@ -86,6 +90,7 @@ def main() -> int:
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nprefix = "soak"\n'
         f"stats_interval_s = 10\nreconnect_min_s = 1\nreconnect_max_s = 5\n"
         f"[storage]\nquota_mb = 50\nsave_ok_every = 100\n"
+        f"[web]\nenabled = {str(args.viewers > 0).lower()}\nport = {web_port}\n"
     )
     got: dict[str, list[int]] = {"verdict": [], "backlog": []}
     stats: list[dict[str, object]] = []
@@ -114,6 +119,14 @@ def main() -> int:
         stderr=subprocess.PIPE,
         text=True,
     )
+    stop_viewers = threading.Event()
+    seen: list[list[str]] = [[] for _ in range(args.viewers)]
+    viewers = [
+        threading.Thread(target=watch_page, args=(web_port, stop_viewers, frames))
+        for frames in seen
+    ]
+    for v in viewers:
+        v.start()
     total = args.minutes * 60
     restarts = [total * (i + 1) / (args.restarts + 1) for i in range(args.restarts)]
     samples: list[tuple[float, float, int]] = []
@@ -129,6 +142,9 @@ def main() -> int:
         samples.append((elapsed, rss, fds))
         print(f"{elapsed:6.0f} s  rss {rss:6.1f} MB  fds {fds}", file=sys.stderr)
         time.sleep(10)
+    stop_viewers.set()
+    for v in viewers:
+        v.join()
     station.send_signal(signal.SIGTERM)
     _, err = station.communicate(timeout=60)
     time.sleep(3)
@@ -158,6 +174,11 @@ def main() -> int:
         "RSS growth after warm-up <= 10 %": rss_growth <= 0.10,
         "no file-descriptor growth": fd_growth <= 0,
     }
+    if args.viewers:
+        # The Live tab gets a few pictures a second, outages or not.
+        checks["every viewer saw >= 2 live pictures/s"] = all(
+            len(frames) >= 2 * total for frames in seen
+        )
     print(
         f"\nsoak: {args.minutes:g} min at {args.fps:g} frames/s, broker restarted "
         f"{args.restarts}x for {args.outage_s:g} s"
@@ -171,6 +192,9 @@ def main() -> int:
         f"({100 * rss_growth:+.1f} %) |"
     )
     print(f"| open fds after warm-up -> end | {fd_start} -> {fd_end} |")
+    if args.viewers:
+        rates = ", ".join(f"{len(frames) / total:.1f}" for frames in seen)
+        print(f"| page viewers / live pictures a second each | {args.viewers} / {rates} |")
     for name, ok in checks.items():
         print(f"| {name} | {'yes' if ok else 'NO'} |")
     if not all(checks.values()):

@@ -228,8 +228,11 @@ def test_dataset_capture_relabel_move_delete(start_page: StartPage) -> None:
     status, item = page.post("/api/dataset/capture", {"label": "normal"})
     assert status == 201 and item["split"] == "train" and item["label"] == "normal"
     assert (station.cfg.station.state_dir / "dataset" / item["id"]).is_file()
-    # The frame the page showed, by its number.
+    # The frame the page showed, by its number, even after newer ones were sent.
     _, shown, _ = page.request("GET", "/api/live.jpg")
+    time.sleep(0.5)
+    _, newer, _ = page.request("GET", "/api/live.jpg")
+    assert int(newer["x-frame"]) > int(shown["x-frame"])
     status, again = page.post(
         "/api/dataset/capture", {"label": "anomaly", "frame": int(shown["x-frame"])}
     )
