@@ -12,23 +12,20 @@ import base64
 import json
 import logging
 import re
-import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from http.cookies import CookieError, SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import cv2
 
 from edge.access import Sessions
 from edge.config import is_loopback
 from edge.dataset import LABELS, Dataset, DatasetError
+from edge.httpd import HttpError, Reply, Request, Server, cookie, json_reply, serve
 from edge.images import ImageError, decode_image
 from edge.journal import Record
 from edge.model import Model, ModelError
@@ -51,67 +48,13 @@ _STATIC_TYPES = {
 }
 COOKIE = "edge_inspect_session"
 CSRF_HEADER = "X-CSRF-Token"
-MAX_JSON_BYTES = 64 * 1024
 PREVIEW_SIDE = 800  # longer side of live pictures and trial overlays, px
 SHOWN_FRAMES = 8  # live frames held for "add this frame" (2 s at 4 pictures a second)
-_CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-    "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
-)
 # The evaluation reports are written by report.py with their styles inline.
 _REPORT_CSP = (
     "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'self'"
 )
 _REPORT_FILE = re.compile(r"^(candidate|running)/(report\.html|overlays/[A-Za-z0-9._-]+\.png)$")
-
-
-class HttpError(Exception):
-    """A request refused with a status and one sentence for the user."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass
-class Reply:
-    status: int = 200
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def _json(doc: object, status: int = 200) -> Reply:
-    return Reply(status, json.dumps(doc).encode())
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]  # lower-case names
-    address: str
-    read_body: Callable[[int], bytes]
-    session: str | None = None
-    csrf: str | None = None  # the valid CSRF token of this request's session, if any
-
-    def json(self) -> dict[str, Any]:
-        raw = self.read_body(MAX_JSON_BYTES)
-        try:
-            doc = json.loads(raw or b"{}")
-        except (UnicodeDecodeError, ValueError):
-            raise HttpError(400, "the request body is not JSON") from None
-        if not isinstance(doc, dict):
-            raise HttpError(400, "the request body must be a JSON object")
-        return doc
-
-    @property
-    def file_name(self) -> str:
-        """The uploaded file's name as the page sends it, made safe for messages."""
-        name = unquote(self.headers.get("x-file-name", "upload"))
-        return "".join(c for c in name if c.isprintable())[:100] or "upload"
 
 
 Handler = Callable[[Request, re.Match[str]], Reply]
@@ -132,7 +75,7 @@ class Web:
         self.trainer = Trainer(self.dataset.root, state / "training")
         self.sessions = Sessions(self.cfg.password_hash, self.cfg.session_hours * 3600)
         self.local_only = is_loopback(self.cfg.host)
-        self._server: _Server | None = None
+        self._server: Server | None = None
         self._live_lock = threading.Lock()
         self._live: tuple[Latest, float, bytes] | None = None  # what was shown, when, JPEG
         # The frames recently sent to the page, so "add this frame" finds the one on screen
@@ -174,9 +117,8 @@ class Web:
 
     def start(self) -> bool:
         """Listen and serve in a thread; False (and an error in the log) if the port is taken."""
-        kind = _Server6 if ":" in self.cfg.host else _Server
         try:
-            server = kind((self.cfg.host, self.cfg.port), _Handler)
+            server = serve(self.cfg.host, self.cfg.port, self.handle)
         except OSError as exc:
             log.error(
                 "the page cannot listen on %s:%d (%s); inspecting without it",
@@ -185,9 +127,7 @@ class Web:
                 exc.strerror or exc,
             )
             return False
-        server.web = self
         self._server = server
-        threading.Thread(target=server.serve_forever, args=(0.25,), name="web", daemon=True).start()
         log.info("station page at %s", self.url)
         return True
 
@@ -212,7 +152,7 @@ class Web:
     def handle(self, req: Request) -> Reply:
         """Check where the request comes from and who sends it, then route it."""
         self._check_host(req)
-        sid = _cookie(req.headers.get("cookie", ""))
+        sid = cookie(req.headers.get("cookie", ""), COOKIE)
         req.session = sid
         req.csrf = self.sessions.csrf_for(sid)
         if req.method == "POST":
@@ -262,7 +202,7 @@ class Web:
         return Reply(200, (STATIC / name).read_bytes(), _STATIC_TYPES[name])
 
     def _session(self, req: Request, m: re.Match[str]) -> Reply:
-        return _json(
+        return json_reply(
             {
                 "login_required": self.sessions.required,
                 "logged_in": req.csrf is not None,
@@ -283,14 +223,14 @@ class Web:
             raise HttpError(429, str(exc)) from None
         except ValueError as exc:
             raise HttpError(403, str(exc)) from None
-        cookie = (
+        set_cookie = (
             f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict; "
             f"Max-Age={int(self.sessions.lifetime_s)}"
         )
         return Reply(
             200,
             json.dumps({"csrf": self.sessions.csrf_for(sid)}).encode(),
-            headers={"Set-Cookie": cookie},
+            headers={"Set-Cookie": set_cookie},
         )
 
     def _logout(self, req: Request, m: re.Match[str]) -> Reply:
@@ -306,7 +246,7 @@ class Web:
         model = st.model
         link = st.link
         event = st.model_event
-        return _json(
+        return json_reply(
             {
                 "station": st.cfg.station.name,
                 "status": st.status,
@@ -370,13 +310,13 @@ class Web:
             ng_only=req.query.get("ng") == "1",
             before_seq=_int(before, "before", 0, 2**62) if before else None,
         )
-        return _json({"records": [_record_doc(r) for r in recs]})
+        return json_reply({"records": [_record_doc(r) for r in recs]})
 
     def _record(self, req: Request, m: re.Match[str]) -> Reply:
         rec = self.station.journal.get(int(m[1]))
         if rec is None:
             raise HttpError(404, f"there is no record {m[1]}")
-        return _json(_record_doc(rec))
+        return json_reply(_record_doc(rec))
 
     def _record_picture(self, req: Request, m: re.Match[str]) -> Reply:
         return Reply(200, self._saved_picture(int(m[1]), m[2]).read_bytes(), "image/jpeg")
@@ -397,7 +337,7 @@ class Web:
     # --- the dataset ---
 
     def _dataset(self, req: Request, m: re.Match[str]) -> Reply:
-        return _json(
+        return json_reply(
             {
                 "items": [i.as_dict() for i in self.dataset.items()],
                 "counts": self.dataset.counts(),
@@ -433,7 +373,7 @@ class Web:
             item = self.dataset.add(chosen.frame.image, label, "cap")
         except DatasetError as exc:
             raise HttpError(409, str(exc)) from None
-        return _json(item.as_dict(), 201)
+        return json_reply(item.as_dict(), 201)
 
     def _from_record(self, req: Request, m: re.Match[str]) -> Reply:
         doc = req.json()
@@ -448,7 +388,7 @@ class Web:
             raise HttpError(422, str(exc)) from None
         except DatasetError as exc:
             raise HttpError(409, str(exc)) from None
-        return _json(item.as_dict(), 201)
+        return json_reply(item.as_dict(), 201)
 
     def _upload(self, req: Request, m: re.Match[str]) -> Reply:
         label = _label(req.query.get("label"))
@@ -457,7 +397,7 @@ class Web:
             item = self.dataset.add(image, label, "up")
         except DatasetError as exc:
             raise HttpError(409, f"upload {req.file_name}: {exc}") from None
-        return _json(item.as_dict(), 201)
+        return json_reply(item.as_dict(), 201)
 
     def _move(self, req: Request, m: re.Match[str]) -> Reply:
         doc = req.json()
@@ -467,21 +407,21 @@ class Web:
             )
         except DatasetError as exc:
             raise HttpError(404 if "does not exist" in str(exc) else 400, str(exc)) from None
-        return _json(item.as_dict())
+        return json_reply(item.as_dict())
 
     def _delete(self, req: Request, m: re.Match[str]) -> Reply:
         try:
             self.dataset.delete(str(req.json().get("id", "")))
         except DatasetError as exc:
             raise HttpError(404 if "does not exist" in str(exc) else 400, str(exc)) from None
-        return _json({})
+        return json_reply({})
 
     # --- training and models ---
 
     def _training(self, req: Request, m: re.Match[str]) -> Reply:
         summary = self.trainer.summary()
         candidate = self.trainer.candidate_model
-        return _json(
+        return json_reply(
             {
                 **self.trainer.state(),
                 "summary": summary,
@@ -502,12 +442,12 @@ class Web:
             self.trainer.start(self.station.cfg.model.path)
         except TrainerBusy as exc:
             raise HttpError(409, str(exc)) from None
-        return _json(self.trainer.state(), 202)
+        return json_reply(self.trainer.state(), 202)
 
     def _cancel(self, req: Request, m: re.Match[str]) -> Reply:
         if not self.trainer.cancel():
             raise HttpError(409, "no model is being trained")
-        return _json({}, 202)
+        return json_reply({}, 202)
 
     def _activate(self, req: Request, m: re.Match[str]) -> Reply:
         candidate = self.trainer.candidate_model
@@ -524,14 +464,14 @@ class Web:
     def _install(self, path: Path, why: str) -> Reply:
         if not self.station.reload(why, install=path):
             raise HttpError(409, "a model is being loaded already; try again in a moment")
-        return _json({"loading": str(path.name)}, 202)
+        return json_reply({"loading": str(path.name)}, 202)
 
     def _discard(self, req: Request, m: re.Match[str]) -> Reply:
         if self.trainer.state()["state"] == "running":
             raise HttpError(409, "a model is being trained; cancel it first")
         if not self.trainer.discard():
             raise HttpError(409, "there is no candidate model to discard")
-        return _json({})
+        return json_reply({})
 
     def _training_file(self, req: Request, m: re.Match[str]) -> Reply:
         if not _REPORT_FILE.match(m[1]):
@@ -560,7 +500,7 @@ class Web:
         detection = model.detect(image)
         preview = draw_preview(image, detection, PREVIEW_SIDE)
         overlay = "data:image/jpeg;base64," + base64.b64encode(_jpeg(preview, 85)).decode()
-        return _json(
+        return json_reply(
             {"file": req.file_name, "model_id": model.id, **detection.as_dict(), "overlay": overlay}
         )
 
@@ -592,98 +532,6 @@ class Web:
         except ValueError as exc:
             raise HttpError(422, f"upload {req.file_name}: {exc}") from None
         return image
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a slow client does not hold up the station's exit
-    web: Web
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "edge-inspect"
-    sys_version = ""
-    timeout = 30  # a client that stops sending loses its thread after this
-
-    def do_GET(self) -> None:
-        self._answer("GET")
-
-    def do_POST(self) -> None:
-        self._answer("POST")
-
-    server: _Server
-
-    def _answer(self, method: str) -> None:
-        web = self.server.web
-        url = urlsplit(self.path)
-        req = Request(
-            method=method,
-            path=url.path,
-            query={k: v[0] for k, v in parse_qs(url.query).items()},
-            headers={k.lower(): v for k, v in self.headers.items()},
-            address=self.client_address[0],
-            read_body=self._read_body,
-        )
-        try:
-            reply = web.handle(req)
-        except HttpError as exc:
-            reply = _json({"error": exc.message}, exc.status)
-        except Exception:
-            log.exception("page request %s %s failed", method, url.path)
-            reply = _json({"error": "the station failed to answer; see its log"}, 500)
-        self._send(reply)
-
-    def _read_body(self, limit: int) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            if self.headers.get("Transfer-Encoding"):
-                raise HttpError(411, "send the body with a Content-Length")
-            return b""
-        try:
-            size = int(length)
-        except ValueError:
-            raise HttpError(400, "Content-Length is not a number") from None
-        if size > limit:
-            self.close_connection = True  # the unread body must not be taken as a request
-            raise HttpError(
-                413, f"the upload has {size} bytes, more than the limit of {limit} bytes"
-            )
-        return self.rfile.read(size)
-
-    def _send(self, reply: Reply) -> None:
-        try:
-            self.send_response(reply.status)
-            headers = {
-                "Content-Type": reply.content_type,
-                "Content-Length": str(len(reply.body)),
-                "Cache-Control": "no-store",
-                "X-Content-Type-Options": "nosniff",
-                "X-Frame-Options": "DENY",
-                "Referrer-Policy": "no-referrer",
-                "Content-Security-Policy": _CSP,
-                **reply.headers,
-            }
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(reply.body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the browser went away (a newer picture was asked for, say)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("page %s: " + format, self.client_address[0], *args)
-
-
-def _cookie(header: str) -> str | None:
-    try:
-        morsel = SimpleCookie(header).get(COOKIE)
-    except CookieError:
-        return None
-    return morsel.value if morsel else None
 
 
 def _jpeg(picture: np.ndarray, quality: int) -> bytes:

@@ -1,0 +1,187 @@
+"""The small HTTP layer under the station page: requests, replies, errors, safe headers.
+
+Python's threaded http.server, one thread a request. The application gives one function,
+Request -> Reply, and raises HttpError for a refusal; every reply carries the security
+headers (no sniffing, no framing, a strict Content-Security-Policy) unless it overrides them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+log = logging.getLogger(__name__)
+
+MAX_JSON_BYTES = 64 * 1024
+DEFAULT_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+class HttpError(Exception):
+    """A request refused with a status and one sentence for the user."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Reply:
+    """What to send: status, body, its type, and headers added to (or replacing) the safe ones."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_reply(doc: object, status: int = 200) -> Reply:
+    return Reply(status, json.dumps(doc).encode())
+
+
+@dataclass
+class Request:
+    """One request as the application sees it; the body is read only when asked for, up to a
+    limit (HttpError 413 above it, before anything is read)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-case names
+    address: str
+    read_body: Callable[[int], bytes]
+    session: str | None = None  # filled in by the application: the session cookie
+    csrf: str | None = None  # ... and that session's valid CSRF token, if any
+
+    def json(self) -> dict[str, Any]:
+        raw = self.read_body(MAX_JSON_BYTES)
+        try:
+            doc = json.loads(raw or b"{}")
+        except (UnicodeDecodeError, ValueError):
+            raise HttpError(400, "the request body is not JSON") from None
+        if not isinstance(doc, dict):
+            raise HttpError(400, "the request body must be a JSON object")
+        return doc
+
+    @property
+    def file_name(self) -> str:
+        """The uploaded file's name as the page sends it, made safe for messages."""
+        name = unquote(self.headers.get("x-file-name", "upload"))
+        return "".join(c for c in name if c.isprintable())[:100] or "upload"
+
+
+def serve(host: str, port: int, handle: Callable[[Request], Reply]) -> Server:
+    """Listen on host:port (IPv4 or IPv6) and answer every request with `handle` in a
+    thread of its own; raises OSError if the address cannot be taken.
+
+    >>> echo = lambda req: json_reply({"path": req.path})      # doctest: +SKIP
+    >>> server = serve("127.0.0.1", 8080, echo)               # doctest: +SKIP
+    >>> server.shutdown()                                     # doctest: +SKIP
+    """
+    server = (_Server6 if ":" in host else Server)((host, port), _Handler)
+    server.answer = handle
+    threading.Thread(target=server.serve_forever, args=(0.25,), name="http", daemon=True).start()
+    return server
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # a slow client does not hold up the station's exit
+    answer: Callable[[Request], Reply]  # the application
+
+
+class _Server6(Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "edge-inspect"
+    sys_version = ""
+    timeout = 30  # a client that stops sending loses its thread after this
+
+    def do_GET(self) -> None:
+        self._answer("GET")
+
+    def do_POST(self) -> None:
+        self._answer("POST")
+
+    server: Server
+
+    def _answer(self, method: str) -> None:
+        url = urlsplit(self.path)
+        req = Request(
+            method=method,
+            path=url.path,
+            query={k: v[0] for k, v in parse_qs(url.query).items()},
+            headers={k.lower(): v for k, v in self.headers.items()},
+            address=self.client_address[0],
+            read_body=self._read_body,
+        )
+        try:
+            reply = self.server.answer(req)
+        except HttpError as exc:
+            reply = json_reply({"error": exc.message}, exc.status)
+        except Exception:
+            log.exception("request %s %s failed", method, url.path)
+            reply = json_reply({"error": "the station failed to answer; see its log"}, 500)
+        self._send(reply)
+
+    def _read_body(self, limit: int) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            if self.headers.get("Transfer-Encoding"):
+                raise HttpError(411, "send the body with a Content-Length")
+            return b""
+        try:
+            size = int(length)
+        except ValueError:
+            raise HttpError(400, "Content-Length is not a number") from None
+        if size > limit:
+            self.close_connection = True  # the unread body must not be taken as a request
+            raise HttpError(
+                413, f"the upload has {size} bytes, more than the limit of {limit} bytes"
+            )
+        return self.rfile.read(size)
+
+    def _send(self, reply: Reply) -> None:
+        try:
+            self.send_response(reply.status)
+            headers = {
+                "Content-Type": reply.content_type,
+                "Content-Length": str(len(reply.body)),
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+                "X-Frame-Options": "DENY",
+                "Referrer-Policy": "no-referrer",
+                "Content-Security-Policy": DEFAULT_CSP,
+                **reply.headers,
+            }
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(reply.body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser went away (a newer picture was asked for, say)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("page %s: " + format, self.client_address[0], *args)
+
+
+def cookie(header: str, name: str) -> str | None:
+    """The value of cookie `name` in a Cookie header, or None."""
+    try:
+        morsel = SimpleCookie(header).get(name)
+    except CookieError:
+        return None
+    return morsel.value if morsel else None
