@@ -208,6 +208,16 @@ class Station:
         except queue.Full:
             self._refuse(name[:64], "too many commands waiting; this one was dropped")
 
+    def command(self, name: str, part_id: str | None = None) -> None:
+        """Queue a command as if it came over MQTT (from the page): pause, resume, trigger,
+        reload. It goes through the same checks, token included."""
+        doc: dict[str, str] = {}
+        if self.cfg.mqtt.command_token:
+            doc["token"] = self.cfg.mqtt.command_token
+        if part_id is not None:
+            doc["part_id"] = part_id
+        self._command_arrived(name, json.dumps(doc).encode())
+
     def stop(self) -> None:
         self._stop.set()
 

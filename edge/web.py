@@ -109,6 +109,7 @@ class Web:
             (post, r"/api/training/discard", self._discard, True),
             (get, r"/api/training/files/(.+)", self._training_file, True),
             (post, r"/api/model/rollback", self._rollback, True),
+            (post, r"/api/station/(pause|resume|trigger)", self._station_command, True),
             (post, r"/api/trial", self._trial, True),
         ]:
             self._routes.append((method, re.compile(f"^{pattern}$"), handler, auth))
@@ -301,6 +302,13 @@ class Web:
                 "X-Captured": f"{seen.frame.wall:.3f}",
             },
         )
+
+    def _station_command(self, req: Request, m: re.Match[str]) -> Reply:
+        """Pause, resume or trigger the station, through the same queue as MQTT commands."""
+        if m[1] == "trigger" and self.station.cfg.trigger.mode != "triggered":
+            raise HttpError(409, 'the station is in free-run mode; set trigger.mode = "triggered"')
+        self.station.command(m[1], "page" if m[1] == "trigger" else None)
+        return json_reply({}, 202)
 
     def _records(self, req: Request, m: re.Match[str]) -> Reply:
         limit = _int(req.query.get("limit", "50"), "limit", 1, 500)

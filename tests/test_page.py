@@ -199,6 +199,12 @@ def test_watch_label_train_swap_and_try_in_a_browser(
     find(By.CSS_SELECTOR, 'nav a[data-tab="live"]').click()
     wait.until(lambda _: int(live.get_attribute("data-frame") or 0) > frame)
     assert f"threshold {station.model.threshold:.4f}" in text("live-caption")
+
+    # Pause while labelling by hand, then resume.
+    find(By.ID, "pause").click()
+    wait.until(lambda _: text("st-state") == "paused" and find(By.ID, "resume").is_displayed())
+    find(By.ID, "resume").click()
+    wait.until(lambda _: text("st-state") == "online" and find(By.ID, "pause").is_displayed())
     shot("7-live-phone")
 
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]

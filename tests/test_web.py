@@ -524,3 +524,44 @@ def test_training_can_be_cancelled(start_page: StartPage, parts: Path) -> None:
     assert doc["state"] == "idle" and doc["error"] == "training cancelled"
     assert not doc["candidate"]
     assert list((station.cfg.station.state_dir / "training").iterdir()) == []
+
+
+def test_pause_resume_and_trigger_from_the_page(start_page: StartPage) -> None:
+    station, page = start_page()
+    page.start()
+    assert page.post("/api/station/trigger") == (
+        409,
+        {"error": 'the station is in free-run mode; set trigger.mode = "triggered"'},
+    )
+    assert page.post("/api/station/pause")[0] == 202
+    wait_until(lambda: page.get("/api/status")[1]["paused"], what="paused")
+    assert page.get("/api/status")[1]["status"] == "paused"
+    n = station.stats.verdicts
+    time.sleep(0.5)
+    assert station.stats.verdicts == n
+    assert page.post("/api/station/resume")[0] == 202
+    wait_until(lambda: station.stats.verdicts > n + 3, what="inspection again")
+
+
+def test_trigger_from_the_page_passes_the_command_token(
+    tmp_path: Path, parts_model: Path, replay: Path, run_station: Callable[[Path], Station]
+) -> None:
+    config = write_config(
+        tmp_path,
+        parts_model,
+        replay,
+        None,
+        "web/trigger",
+        trigger={"mode": "triggered"},
+        mqtt={"command_token": "a shared secret"},
+        web={"enabled": True, "port": 0},
+    )
+    station = run_station(config)
+    wait_until(lambda: station.web is not None and station.web.port, what="the page")
+    assert station.web is not None
+    page = Page(station.web.port).start()
+    time.sleep(0.5)
+    assert station.stats.verdicts == 0  # triggered: nothing without a trigger
+    assert page.post("/api/station/trigger")[0] == 202
+    wait_until(lambda: station.stats.verdicts == 1, what="the triggered verdict")
+    assert station.journal.recent(1)[0].part_id == "page"

@@ -157,6 +157,9 @@ function showStatus(s) {
   $("st-broker").title = s.broker.address;
   $("st-backlog").textContent = s.backlog === null ? "–" : s.backlog;
   $("rollback").hidden = !s.previous_model;
+  $("pause").hidden = s.paused;
+  $("resume").hidden = !s.paused;
+  $("trigger").hidden = s.mode !== "triggered";
   const event = s.model_event;
   $("model-event").textContent = event ? `${when(event.wall)}: ${event.text}` : "";
   $("model-event").className = event && !event.taken ? "verdict-ng" : "";
@@ -207,6 +210,20 @@ for (const label of ["normal", "anomaly"]) {
     return `frame ${frame} added as ${labelName(label)} (${item.split} set)`;
   });
 }
+
+// Pause while labelling by hand; in triggered mode, take and inspect a fresh frame.
+act($("pause"), async () => {
+  await post("/api/station/pause");
+  return "inspection paused: no verdicts go to the line until you resume";
+});
+act($("resume"), async () => {
+  await post("/api/station/resume");
+  return "inspection resumed";
+});
+act($("trigger"), async () => {
+  await post("/api/station/trigger");
+  return "";
+});
 
 // --- history ---
 
