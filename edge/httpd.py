@@ -169,8 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
             for k, v in headers.items():
                 self.send_header(k, v)
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(reply.body)
+            self.wfile.write(reply.body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the browser went away (a newer picture was asked for, say)
 
