@@ -321,13 +321,15 @@ class Web:
         return json_reply({"records": [_record_doc(r) for r in recs]})
 
     def _record(self, req: Request, m: re.Match[str]) -> Reply:
-        rec = self.station.journal.get(int(m[1]))
+        seq = _int(m[1], "record", 0, 2**62)
+        rec = self.station.journal.get(seq)
         if rec is None:
-            raise HttpError(404, f"there is no record {m[1]}")
+            raise HttpError(404, f"there is no record {seq}")
         return json_reply(_record_doc(rec))
 
     def _record_picture(self, req: Request, m: re.Match[str]) -> Reply:
-        return Reply(200, self._saved_picture(int(m[1]), m[2]).read_bytes(), "image/jpeg")
+        path = self._saved_picture(_int(m[1], "record", 0, 2**62), m[2])
+        return Reply(200, path.read_bytes(), "image/jpeg")
 
     def _saved_picture(self, seq: int, which: str) -> Path:
         rec = self.station.journal.get(seq)

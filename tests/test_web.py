@@ -217,6 +217,9 @@ def test_history_lists_the_journal_and_opens_saved_frames(start_page: StartPage)
     status, err = page.get(f"/api/records/{unsaved['seq']}/frame.jpg")
     assert status == 404 and "was not saved" in err["error"]
     assert page.get("/api/records/99999999")[0] == 404
+    assert page.get("/api/records/99999999999999999999999")[1] == {
+        "error": "record 99999999999999999999999 is not between 0 and 4611686018427387904"
+    }
     assert page.get("/api/records?limit=many")[1] == {"error": "limit 'many' is not a whole number"}
 
 
