@@ -49,7 +49,7 @@ _STATIC_TYPES = {
 COOKIE = "edge_inspect_session"
 CSRF_HEADER = "X-CSRF-Token"
 PREVIEW_SIDE = 800  # longer side of live pictures and trial overlays, px
-SHOWN_FRAMES = 8  # live frames held for "add this frame" (2 s at 4 pictures a second)
+SHOWN_FRAMES = 4  # live frames held for "add this frame" (1 s at 4 pictures a second)
 # The evaluation reports are written by report.py with their styles inline.
 _REPORT_CSP = (
     "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'self'"
