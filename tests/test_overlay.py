@@ -167,3 +167,23 @@ def test_refuses_a_threshold_that_is_not_positive() -> None:
     det = Detection(score=0.0, threshold=0.0, anomaly_map=np.zeros((4, 4)), roi=ROI, area=0.0)
     with pytest.raises(ValueError, match="positive threshold"):
         draw_overlay(part_image(), det)
+
+
+def test_live_preview_is_the_overlay_shrunk_with_its_boxes_in_place() -> None:
+    from edge.overlay import draw_preview
+
+    image = part_image()
+    box = Box(x=300, y=220, w=20, h=20, score=3.0)  # in the image's bottom-right corner
+    det = detection(hot_corner_map(), [box])
+    assert draw_preview(image, det, 640).shape == draw_overlay(image, det).shape  # no upscaling
+    small = draw_preview(image, det, 160)
+    strip = small.shape[0] - HEIGHT // 2
+    assert small.shape[1] == WIDTH // 2 and strip > 0
+    picture = small[strip:]
+    # The box is drawn in red at half size, still inside the picture's corner.
+    corner = picture[105:120, 145:160]
+    red = (corner[..., 2] > 150) & (corner[..., 0] < 80) & (corner[..., 1] < 80)
+    assert red.any()
+    # A box reaching the image's edge still fits after rounding.
+    edge = Box(x=0, y=0, w=WIDTH, h=HEIGHT, score=3.0)
+    assert draw_preview(image, detection(hot_corner_map(), [edge]), 97).shape[1] == 97
