@@ -246,6 +246,7 @@ class WebConfig(_Section):
 
 
 def is_loopback(host: str) -> bool:
+    """True for an address or name of this machine only: 127.x.y.z, ::1, localhost."""
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 

@@ -103,7 +103,7 @@ class Dataset:
 
     def add(self, image: np.ndarray, label: str, origin: str) -> Item:
         """Save a BGR image losslessly (PNG) under `label`, in train or test (see module doc)."""
-        _check_label(label)
+        check_label(label)
         ok, png = cv2.imencode(".png", image)
         if not ok:
             raise DatasetError("the image cannot be encoded as PNG")
@@ -133,7 +133,7 @@ class Dataset:
             old_split, old_label, name = item_id.split("/")
             new_label = label or old_label
             new_split = split or old_split
-            _check_label(new_label)
+            check_label(new_label)
             if new_split not in SPLITS:
                 raise DatasetError(f"split {new_split[:40]!r} is not one of {', '.join(SPLITS)}")
             target = self.root / new_split / new_label / name
@@ -165,6 +165,8 @@ class Dataset:
         return bytes(jpg.tobytes())
 
 
-def _check_label(label: str) -> None:
-    if label not in LABELS:
-        raise DatasetError(f"label {label[:40]!r} is not one of {', '.join(LABELS)}")
+def check_label(value: object) -> str:
+    """The label, if it is one (a value from a request, say); DatasetError otherwise."""
+    if value not in LABELS:
+        raise DatasetError(f"label must be one of {', '.join(LABELS)}")
+    return str(value)

@@ -32,6 +32,11 @@ class ImageResult:
     detection: Detection
     ms: float
 
+    @property
+    def overlay_name(self) -> str:
+        """Its overlay's file name in the report's overlays/ folder."""
+        return f"{self.label}-{self.path.stem}.png"
+
     def as_dict(self) -> dict[str, object]:
         return {
             "file": str(self.path),
@@ -41,10 +46,9 @@ class ImageResult:
         }
 
 
-def _json_safe(value: object) -> object:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
+def json_metrics(metrics: dict[str, object]) -> dict[str, object]:
+    """The metrics with NaN (AUROC without defects, say) as None, so that JSON can hold them."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
 
 
 def score_folder(
@@ -96,17 +100,16 @@ def write_outputs(
     overlays.mkdir(parents=True, exist_ok=True)
     rows = []
     for r in results:
-        name = f"{r.label}-{r.path.stem}.png"
         ok, png = cv2.imencode(".png", draw_overlay(read_image(r.path), r.detection))
         if ok:
-            (overlays / name).write_bytes(png.tobytes())
+            (overlays / r.overlay_name).write_bytes(png.tobytes())
         rows.append(
             {
                 "name": r.path.name,
                 "label": r.label,
                 "verdict": r.detection.verdict,
                 "score": r.detection.score,
-                "overlay": f"overlays/{name}",
+                "overlay": f"overlays/{r.overlay_name}",
             }
         )
     buf = io.StringIO()
@@ -135,6 +138,6 @@ def write_outputs(
 
 def to_json(metrics: dict[str, object], results: list[ImageResult]) -> str:
     """Metrics and per-image results as one JSON document (NaN becomes null)."""
-    doc = {k: _json_safe(v) for k, v in metrics.items()}
+    doc = json_metrics(metrics)
     doc["images"] = [r.as_dict() for r in results]
     return json.dumps(doc, indent=2) + "\n"

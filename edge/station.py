@@ -120,7 +120,7 @@ class Stats:
         return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
 
     def as_dict(self) -> dict[str, Any]:
-        lat = np.array(self.latencies_ms[-LATENCY_WINDOW:] or [0.0])
+        lat = np.array(self.latencies_ms or [0.0])
         return {
             "fps": round(self.fps(), 2),
             "frames": self.frames,

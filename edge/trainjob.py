@@ -186,7 +186,7 @@ def _emit(stage: str, done: int, total: int) -> None:
 
 def _evaluate(model_path: Path, test: Path, out: Path) -> dict[str, Any]:
     """Evaluate one model on the test split: metrics, per-image rows, report folder."""
-    from edge.evaluate import metrics_of, score_folder, write_outputs
+    from edge.evaluate import json_metrics, metrics_of, score_folder, write_outputs
     from edge.model import Model
 
     model = Model(model_path, threads=1)
@@ -197,15 +197,11 @@ def _evaluate(model_path: Path, test: Path, out: Path) -> dict[str, Any]:
         f"{r.label}/{r.path.name}": {
             "verdict": r.detection.verdict,
             "score": r.detection.score,
-            "overlay": f"{out.name}/overlays/{r.label}-{r.path.stem}.png",
+            "overlay": f"{out.name}/overlays/{r.overlay_name}",
         }
         for r in results
     }
-    return {"model_id": model.id, "metrics": _finite(metrics), "images": images}
-
-
-def _finite(doc: dict[str, object]) -> dict[str, object]:
-    return {k: (None if isinstance(v, float) and v != v else v) for k, v in doc.items()}
+    return {"model_id": model.id, "metrics": json_metrics(metrics), "images": images}
 
 
 def child(dataset: Path, out: Path, running: Path | None) -> int:

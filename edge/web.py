@@ -24,7 +24,7 @@ import cv2
 
 from edge.access import Sessions
 from edge.config import is_loopback
-from edge.dataset import LABELS, Dataset, DatasetError
+from edge.dataset import Dataset, DatasetError, check_label
 from edge.httpd import HttpError, Reply, Request, Server, cookie, json_reply, serve
 from edge.images import ImageError, decode_image
 from edge.journal import Record
@@ -179,8 +179,11 @@ class Web:
         if not self.local_only:
             return
         host = req.headers.get("host", "")
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if not (name in ("localhost", "[::1]") or name.startswith("127.")):
+        try:
+            name = urlsplit(f"//{host}").hostname or ""  # "[::1]:8080" -> "::1"
+        except ValueError:
+            name = ""
+        if not is_loopback(name):
             raise HttpError(403, f"this page answers only to localhost, not to {host[:100]!r}")
 
     def _check_same_site(self, req: Request) -> None:
@@ -562,9 +565,10 @@ def _int(text: str, name: str, low: int, high: int) -> int:
 
 
 def _label(value: object) -> str:
-    if value not in LABELS:
-        raise HttpError(400, f"label must be one of {', '.join(LABELS)}")
-    return str(value)
+    try:
+        return check_label(value)
+    except DatasetError as exc:
+        raise HttpError(400, str(exc)) from None
 
 
 def _model_doc(model: Model) -> dict[str, object]:
