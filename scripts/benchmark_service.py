@@ -109,6 +109,29 @@ def watch_page(port: int, stop: threading.Event, frames: list[str]) -> None:
         stop.wait(0.25)
 
 
+class PageViewers:
+    """`n` clients watching the page's Live tab (watch_page), each in a thread of its own;
+    `frames[i]` are the new frame numbers viewer i was sent."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.frames: list[list[str]] = [[] for _ in range(n)]
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=watch_page, args=(port, self._stop, f)) for f in self.frames
+        ]
+        for t in self._threads:
+            t.start()
+
+    def clear(self) -> None:
+        for f in self.frames:
+            f.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
 def run_rate(
     model: Path, replay: Path, fps: float, seconds: float, work: Path, viewers: int = 0
 ) -> dict[str, float]:
@@ -143,13 +166,7 @@ def run_rate(
         stderr=subprocess.PIPE,
         text=True,
     )
-    stop = threading.Event()
-    seen: list[list[str]] = [[] for _ in range(viewers)]
-    watchers = [
-        threading.Thread(target=watch_page, args=(web_port, stop, frames)) for frames in seen
-    ]
-    for w in watchers:
-        w.start()
+    page = PageViewers(web_port, viewers)
     try:
         # Warm-up: the first verdicts include model loading and cache warm-up; skip 3 s.
         deadline = time.time() + 60
@@ -158,19 +175,16 @@ def run_rate(
         time.sleep(3)
         with lock:
             received.clear()
-        for frames in seen:
-            frames.clear()
+        page.clear()
         t0 = time.time()
         time.sleep(seconds)
         with lock:
             window = list(received)
-        page_frames = [len(frames) for frames in seen]
+        page_frames = [len(frames) for frames in page.frames]
         elapsed = time.time() - t0
         rss = peak_rss_mb(station.pid)
     finally:
-        stop.set()
-        for w in watchers:
-            w.join()
+        page.stop()
         station.terminate()
         _, err = station.communicate(timeout=30)
         sub.disconnect()

@@ -35,7 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmark_service import free_port, prepare, watch_page
+from benchmark_service import PageViewers, free_port, prepare
 
 
 class Broker:
@@ -119,14 +119,7 @@ def main() -> int:
         stderr=subprocess.PIPE,
         text=True,
     )
-    stop_viewers = threading.Event()
-    seen: list[list[str]] = [[] for _ in range(args.viewers)]
-    viewers = [
-        threading.Thread(target=watch_page, args=(web_port, stop_viewers, frames))
-        for frames in seen
-    ]
-    for v in viewers:
-        v.start()
+    page = PageViewers(web_port, args.viewers)
     total = args.minutes * 60
     restarts = [total * (i + 1) / (args.restarts + 1) for i in range(args.restarts)]
     samples: list[tuple[float, float, int]] = []
@@ -142,9 +135,7 @@ def main() -> int:
         samples.append((elapsed, rss, fds))
         print(f"{elapsed:6.0f} s  rss {rss:6.1f} MB  fds {fds}", file=sys.stderr)
         time.sleep(10)
-    stop_viewers.set()
-    for v in viewers:
-        v.join()
+    page.stop()
     station.send_signal(signal.SIGTERM)
     _, err = station.communicate(timeout=60)
     time.sleep(3)
@@ -177,7 +168,7 @@ def main() -> int:
     if args.viewers:
         # The Live tab gets a few pictures a second, outages or not.
         checks["every viewer saw >= 2 live pictures/s"] = all(
-            len(frames) >= 2 * total for frames in seen
+            len(frames) >= 2 * total for frames in page.frames
         )
     print(
         f"\nsoak: {args.minutes:g} min at {args.fps:g} frames/s, broker restarted "
@@ -193,7 +184,7 @@ def main() -> int:
     )
     print(f"| open fds after warm-up -> end | {fd_start} -> {fd_end} |")
     if args.viewers:
-        rates = ", ".join(f"{len(frames) / total:.1f}" for frames in seen)
+        rates = ", ".join(f"{len(frames) / total:.1f}" for frames in page.frames)
         print(f"| page viewers / live pictures a second each | {args.viewers} / {rates} |")
     for name, ok in checks.items():
         print(f"| {name} | {'yes' if ok else 'NO'} |")
