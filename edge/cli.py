@@ -69,6 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         size=args.size,
         roi=args.roi,
         augment=args.augment,
+        shift=args.shift / 100,
+        rotate_deg=args.rotate,
         false_reject_rate=args.false_reject_rate / 100,
         threads=args.threads,
     )
@@ -77,7 +79,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB) in {r.seconds:.1f} s")
     print(
         f"  trained on      {m.train_normal_count} good images"
-        + (f" x{1 + m.augment} with augmentation" if m.augment else "")
+        + (
+            f" x{1 + m.augment} with copies shifted up to {100 * m.shift:g} %"
+            + (f" and turned up to {m.rotate_deg:g} degrees" if m.rotate_deg else "")
+            if m.augment
+            else ""
+        )
         + (f", {m.train_anomaly_count} labelled defects" if m.train_anomaly_count else "")
     )
     print(
@@ -321,7 +328,21 @@ def parser() -> argparse.ArgumentParser:
         "--augment",
         type=int,
         default=3,
-        help="extra shifted copies per good image (default 3; 0: none)",
+        help="extra shifted (and turned, with --rotate) copies per good image (default 3; 0: none)",
+    )
+    t.add_argument(
+        "--shift",
+        type=float,
+        default=3.0,
+        metavar="PERCENT",
+        help="largest shift of a copy, %% of the region's size (default 3)",
+    )
+    t.add_argument(
+        "--rotate",
+        type=float,
+        default=0.0,
+        metavar="DEGREES",
+        help="largest turn of a copy, for hand-placed parts that turn (default 0: none)",
     )
     t.add_argument(
         "--false-reject-rate",
@@ -338,7 +359,7 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "evaluate", help="score TESTDATA/normal and TESTDATA/anomaly, write a report"
     )
-    e.add_argument("model", type=Path)
+    e.add_argument("model", type=Path, help="model file (.onnx)")
     e.add_argument("data", type=Path, help="folder with normal/ and anomaly/")
     e.add_argument(
         "--report",
@@ -352,8 +373,8 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("detect", help="trial detection: verdict, score, area and regions per image")
-    d.add_argument("model", type=Path)
-    d.add_argument("images", type=Path, nargs="+")
+    d.add_argument("model", type=Path, help="model file (.onnx)")
+    d.add_argument("images", type=Path, nargs="+", help="image files to judge")
     d.add_argument(
         "--overlays",
         type=Path,
@@ -370,20 +391,30 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_detect)
 
     i = sub.add_parser("info", help="print a model file's metadata")
-    i.add_argument("model", type=Path)
-    i.add_argument("--json", action="store_true")
+    i.add_argument("model", type=Path, help="model file (.onnx)")
+    i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
     r = sub.add_parser("run", help="run the inspection station")
-    r.add_argument("--config", type=Path, default=Path("/etc/edge-inspect/config.toml"))
+    r.add_argument(
+        "--config",
+        type=Path,
+        default=Path("/etc/edge-inspect/config.toml"),
+        help="station config (default /etc/edge-inspect/config.toml)",
+    )
     r.add_argument("--validate", action="store_true", help="check the config and exit")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check-config", help="validate a config file; exit 78 when it is invalid")
-    c.add_argument("config", type=Path)
+    c.add_argument("config", type=Path, help="station config file (.toml)")
     c.set_defaults(func=cmd_check_config)
 
     rec = sub.add_parser("records", help="list or export the station's inspection journal")
-    rec.add_argument("--config", type=Path, default=Path("/etc/edge-inspect/config.toml"))
+    rec.add_argument(
+        "--config",
+        type=Path,
+        default=Path("/etc/edge-inspect/config.toml"),
+        help="station config (default /etc/edge-inspect/config.toml)",
+    )
     rec.add_argument("--ng", action="store_true", help="NG verdicts only")
     rec.add_argument("--limit", type=int, default=20, help="how many to list (default 20)")
     rec.add_argument("--csv", type=Path, help="export all records to this CSV file (- for stdout)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import cv2
@@ -48,6 +48,9 @@ class ModelMeta:
     train_images_sha256: str
     bank_size: int
     augment: int
+    # Added after the first release: files without them were made with these values.
+    shift: float = 0.03
+    rotate_deg: float = 0.0
 
     def to_props(self) -> dict[str, str]:
         return {PREFIX + k: str(v) for k, v in asdict(self).items()}
@@ -57,6 +60,8 @@ class ModelMeta:
         values: dict[str, object] = {}
         for f in fields(cls):
             raw = props.get(PREFIX + f.name)
+            if raw is None and f.default is not MISSING:
+                continue
             if raw is None:
                 raise ModelError(
                     f"model {source} is not an edge-inspect model (no {PREFIX}{f.name})"

@@ -179,25 +179,25 @@ def _hash_files(paths: list[Path]) -> str:
 
 
 def _threshold(
-    normal: np.ndarray, anomaly: np.ndarray, false_reject_rate: float
+    normal: np.ndarray, anomaly: np.ndarray, false_reject_rate: float, good: str = ""
 ) -> tuple[float, str, float]:
     """(threshold, rule, expected false-reject rate) from held-out good and defect scores.
+
+    `good` says what the good scores are of, for the rule; by default "N held-out good images".
 
     Held-out good scores are modelled as a normal distribution: that gives the threshold for a
     target false-reject rate when there are no labelled defects, and the expected rate always.
     """
+    good = good or f"{len(normal)} held-out good images"
     fit = NormalDist(float(normal.mean()), max(float(normal.std(ddof=1)), 1e-6))
     if len(anomaly):
         t = best_threshold(normal, anomaly)
-        rule = (
-            f"best separation of {len(normal)} held-out good and "
-            f"{len(anomaly)} labelled defective images"
-        )
+        rule = f"best separation of {good} and {len(anomaly)} labelled defective images"
     else:
         t = fit.inv_cdf(1 - false_reject_rate)
         rule = (
             f"{100 * false_reject_rate:g} % expected false rejects, from a normal fit to "
-            f"{len(normal)} held-out good images (leave-one-out)"
+            f"{good} (leave-one-out)"
         )
     return t, rule, 1 - fit.cdf(t)
 
@@ -220,6 +220,14 @@ def train(
         raise TrainError(f"input size {opts.size} must be a multiple of 16 between 64 and 1024")
     if opts.augment < 0:
         raise TrainError(f"augment {opts.augment} must be 0 or more copies")
+    if not 0 <= opts.shift <= 0.2:
+        raise TrainError(f"shift {100 * opts.shift:g} % must be between 0 and 20 %")
+    if not 0 <= opts.rotate_deg <= 45:
+        raise TrainError(f"rotation {opts.rotate_deg:g} degrees must be between 0 and 45")
+    if opts.augment == 0 and (opts.rotate_deg or opts.shift != TrainOptions.shift):
+        raise TrainError(
+            "shift and rotation act on the augmented copies; they need augment above 0"
+        )
     normal_dir, anomaly_dir = data / "normal", data / "anomaly"
     if not data.is_dir():
         raise TrainError(f"training folder {data} does not exist")
@@ -250,14 +258,18 @@ def train(
     rng = np.random.default_rng(opts.seed)
     patches: list[np.ndarray] = []
     owners: list[np.ndarray] = []
-    fmaps: list[np.ndarray] = []  # of the good images as taken, for calibration
+    # Calibration views: the good images as taken and, when turns are declared normal
+    # (rotate_deg > 0), their turned copies too, so that such a turn is not rejected.
+    fmaps: list[np.ndarray] = []
+    fmap_owner: list[int] = []
     total = len(normals) * (1 + opts.augment)
     done = 0
     for i, image in enumerate(normals):
         for copy, view in enumerate([image, *_augment(image, opts.augment, opts, rng)]):
             (fmap,) = features.run(None, {"image": view})
-            if copy == 0:
+            if copy == 0 or opts.rotate_deg:
                 fmaps.append(fmap)
+                fmap_owner.append(i)
             p = fmap[0].reshape(fmap.shape[1], -1).T
             patches.append(p)
             owners.append(np.full(len(p), i))
@@ -297,8 +309,8 @@ def train(
 
     # Held-out maps: each good image against the bank without the entries it contributed. They
     # give the distances good parts show at each position class, then the held-out scores.
-    steps = 2 * len(normals) + len(anomalies)
-    held_out = [bank_owner != i for i in range(len(normals))]
+    steps = 2 * len(fmaps) + len(anomalies)
+    held_out = [bank_owner != i for i in fmap_owner]
     raw_maps = []
     for i, fmap in enumerate(fmaps):
         raw_maps.append(score(fmap, held_out[i])[1])
@@ -308,15 +320,18 @@ def train(
     normal_scores = []
     for i, fmap in enumerate(fmaps):
         normal_scores.append(score(fmap, held_out[i])[0])
-        progress("calibration", len(normals) + i + 1, steps)
+        progress("calibration", len(fmaps) + i + 1, steps)
     everything = np.ones(len(bank), dtype=bool)
     anomaly_scores = []
     for j, image in enumerate(anomalies):
         (fmap,) = features.run(None, {"image": image})
         anomaly_scores.append(score(fmap, everything)[0])
-        progress("calibration", 2 * len(normals) + j + 1, steps)
+        progress("calibration", 2 * len(fmaps) + j + 1, steps)
     ns, ans = np.array(normal_scores), np.array(anomaly_scores)
-    threshold, rule, frr = _threshold(ns, ans, opts.false_reject_rate)
+    good = ""
+    if len(fmaps) > len(normals):
+        good = f"{len(normals)} held-out good images and {len(fmaps) - len(normals)} turned copies"
+    threshold, rule, frr = _threshold(ns, ans, opts.false_reject_rate, good)
 
     meta = ModelMeta(
         format_version=FORMAT_VERSION,
@@ -341,6 +356,8 @@ def train(
         train_images_sha256=_hash_files(normal_paths + anomaly_paths),
         bank_size=len(bank),
         augment=opts.augment,
+        shift=opts.shift,
+        rotate_deg=opts.rotate_deg,
     )
     model = graph.build_model_graph(backbone, image_hw, opts.roi, opts.size, bank, mean, inv_scale)
     for k, v in meta.to_props().items():

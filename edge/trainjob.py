@@ -216,7 +216,12 @@ def child(dataset: Path, out: Path, running: Path | None) -> int:
         try:
             meta = read_meta(running)
             opts = TrainOptions(
-                size=meta.input_size, roi=meta.roi_box, augment=meta.augment, threads=1
+                size=meta.input_size,
+                roi=meta.roi_box,
+                augment=meta.augment,
+                shift=meta.shift,
+                rotate_deg=meta.rotate_deg,
+                threads=1,
             )
         except ModelError as exc:
             log.warning("training with default options: %s", exc)

@@ -126,6 +126,19 @@ def test_bad_roi_is_a_usage_error(tmp_path: Path, textures: Path) -> None:
     assert r.returncode == EX_DATAERR and "does not fit" in r.stderr
 
 
+def test_turned_copies_are_asked_for_on_the_command_line(tmp_path: Path, textures: Path) -> None:
+    out = tmp_path / "m.onnx"
+    r = run("train", textures / "train", "-o", out, "--augment", "2", "--rotate", "8")
+    assert r.returncode == 0, r.stderr
+    assert "shifted up to 3 % and turned up to 8 degrees" in r.stdout
+    assert "20 held-out good images and 40 turned copies" in r.stdout
+    info = json.loads(run("info", out, "--json").stdout)
+    assert (info["augment"], info["shift"], info["rotate_deg"]) == (2, 0.03, 8.0)
+    r = run("train", textures / "train", "-o", tmp_path / "x.onnx", "--shift", "30")
+    assert r.returncode == EX_DATAERR and "shift 30 % must be between 0 and 20 %" in r.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_hash_password_makes_a_line_for_the_config(tmp_path: Path) -> None:
     from edge.access import verify_password
     from edge.config import parse_config

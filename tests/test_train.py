@@ -237,3 +237,77 @@ def test_border_cells_are_judged_against_border_statistics() -> None:
     border_z = (24 - mean[cls[0, 5]]) * inv_scale[cls[0, 5]]  # one sd above the border mean
     inside_z = (14 - mean[cls[6, 8]]) * inv_scale[cls[6, 8]]  # four sd above the interior
     assert inside_z > 3 * border_z
+
+
+def _key(rng: np.random.Generator, angle: float, notch: bool = True) -> np.ndarray:
+    """A flat key (a bar with a hole and a notch) on a dark belt, turned by angle degrees.
+
+    Drawn at 4x and shrunk, so its edges are smooth as a lens draws them.
+    """
+    w, h, k = 160, 120, 4
+    shape = np.zeros((h * k, w * k), np.float32)
+    cv2.rectangle(shape, (40 * k, 45 * k), (120 * k, 75 * k), 1.0, -1)
+    if notch:
+        cv2.rectangle(shape, (75 * k, 45 * k), (85 * k, 55 * k), 0.0, -1)
+    cv2.circle(shape, (55 * k, 60 * k), 6 * k, 0.0, -1)
+    centre = ((w / 2 + rng.uniform(-2, 2)) * k, (h / 2 + rng.uniform(-2, 2)) * k)
+    turn = cv2.getRotationMatrix2D(centre, angle, 1.0)
+    shape = cv2.resize(cv2.warpAffine(shape, turn, (w * k, h * k)), (w, h), cv2.INTER_AREA)
+    belt = 60 + rng.normal(0, 2, (h, w, 3))
+    image = belt + shape[..., None] * (np.array([190, 190, 200]) - belt)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def test_turned_copies_teach_a_part_that_turns(tmp_path: Path) -> None:
+    # Photos taken with the key lying straight; on the line it turns by up to 10 degrees.
+    rng = np.random.default_rng(0)
+    normal = tmp_path / "keys" / "normal"
+    normal.mkdir(parents=True)
+    for i in range(12):
+        cv2.imwrite(str(normal / f"key{i:02d}.png"), _key(rng, rng.uniform(-1, 1)))
+    turned = [_key(rng, a) for a in (-10, -7, 7, 10)]
+    notchless = [_key(rng, a, notch=False) for a in (-8, 0, 8)]
+
+    straight, turning = tmp_path / "straight.onnx", tmp_path / "turning.onnx"
+    train(normal.parent, straight)
+    train(normal.parent, turning, TrainOptions(augment=6, rotate_deg=12))
+    assert read_meta(turning).rotate_deg == 12 and read_meta(straight).rotate_deg == 0
+
+    a, b = Model(straight), Model(turning)
+    # Without turned copies every turned good key is rejected, well above the threshold; with
+    # them every one passes, and a key without its notch is still far out, turned or not.
+    assert all(a.detect(im).score > 1.5 * a.threshold for im in turned)
+    assert all(b.detect(im).verdict == "ok" for im in turned)
+    assert all(b.detect(im).score > 1.5 * b.threshold for im in notchless)
+    assert "turned copies" in read_meta(turning).calibration
+
+
+def test_augmentation_options_out_of_range_are_refused(tmp_path: Path, textures: Path) -> None:
+    out = tmp_path / "x.onnx"
+    for opts, message in [
+        (TrainOptions(shift=0.3), "shift 30 % must be between 0 and 20 %"),
+        (TrainOptions(rotate_deg=90), "rotation 90 degrees must be between 0 and 45"),
+        (TrainOptions(augment=0, rotate_deg=5), "they need augment above 0"),
+    ]:
+        with pytest.raises(TrainError, match=message):
+            train(textures / "train", out, opts)
+    assert not out.exists()
+
+
+def test_model_files_from_before_the_rotation_option_still_load(
+    tmp_path: Path, parts_model: Path
+) -> None:
+    proto = onnx.load(str(parts_model))
+    kept = [
+        p
+        for p in proto.metadata_props
+        if p.key not in ("edge_inspect.shift", "edge_inspect.rotate_deg")
+    ]
+    assert len(kept) == len(proto.metadata_props) - 2
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    meta = read_meta(old)
+    assert (meta.shift, meta.rotate_deg) == (0.03, 0.0)  # what every such file was made with
+    assert Model(old).threshold == read_meta(parts_model).threshold
