@@ -3,9 +3,10 @@
 One model file holds the whole path from the camera's uint8 BGR image to the image score:
 
     image uint8 [H, W, 3] BGR
-      -> crop the region of interest, BGR -> RGB, float NCHW
-      -> resize (antialiased, aspect ratio kept) so the longer side is `size` pixels,
-         both sides rounded to a multiple of 16
+      -> crop the region of interest; one to be shrunk over LARGE times is first shrunk (uint8)
+      -> float NCHW, resized (antialiased, aspect ratio kept) so the longer side is `size`
+         pixels (a thin strip: the shorter side MIN_SIDE), both sides rounded to a multiple
+         of 16; BGR -> RGB
       -> (x - 127) / 128, reflect-pad by PAD pixels (keeps zero padding out of the border cells)
       -> EfficientNet-Lite0 up to stride 16
       -> 3x3 average of each map, stride-16 map upsampled to stride 8, concatenated (152 channels)
@@ -28,6 +29,8 @@ STRIDE = 8
 PAD = 32  # pixels of the resized image; a multiple of 16
 MEAN = 127.0
 STD = 128.0
+MIN_SIDE = PAD + 16  # shortest side after resizing: reflect padding needs more than PAD px
+LARGE = 8  # regions shrunk more than this many times are shrunk in uint8 first
 SMOOTH_SIGMA = 1.0  # in map cells
 BORDER_RINGS = 2  # cells 0, 1 and 2+ from each edge make the position classes
 POSITION_CLASSES = (BORDER_RINGS + 1) ** 2
@@ -62,16 +65,16 @@ class _Builder:
 
 
 def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """The (height, width) the region is resized to: longer side `size`, multiples of 16.
+    """The (height, width) the region is resized to: longer side `size`, aspect ratio kept,
+    multiples of 16. A strip too thin for that keeps its ratio with a shorter side of MIN_SIDE.
 
     >>> resized_size(380, 550, 256)
     (176, 256)
+    >>> resized_size(100, 1000, 256)
+    (48, 480)
     """
-    scale = size / max(height, width)
-    return (
-        max(16, round(height * scale / 16) * 16),
-        max(16, round(width * scale / 16) * 16),
-    )
+    scale = max(size / max(height, width), MIN_SIDE / min(height, width))
+    return round(height * scale / 16) * 16, round(width * scale / 16) * 16
 
 
 def map_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -80,22 +83,35 @@ def map_size(height: int, width: int, size: int) -> tuple[int, int]:
     return h // STRIDE, w // STRIDE
 
 
+def _scale(b: _Builder, hw: str, size: int) -> str:
+    """resized_size()'s scale in the graph: max(size / longer side, MIN_SIDE / shorter side)."""
+    by_longer = b.op("Div", [b.const([float(size)], np.float32), b.op("ReduceMax", [hw])])
+    by_shorter = b.op("Div", [b.const([float(MIN_SIDE)], np.float32), b.op("ReduceMin", [hw])])
+    return b.op("Max", [by_longer, by_shorter])
+
+
 def _preprocess(b: _Builder, image: str, roi: tuple[int, int, int, int] | None, size: int) -> str:
     x = image
     if roi is not None:
         rx, ry, rw, rh = roi
         x = b.op("Slice", [x, b.const([ry, rx]), b.const([ry + rh, rx + rw]), b.const([0, 1])])
-    x = b.op("Cast", [x], to=TensorProto.FLOAT)
-    x = b.op("Transpose", [x], perm=[2, 0, 1])
-    x = b.op("Unsqueeze", [x, b.const([0])])  # [1, 3, h, w]
-    # Target size, computed in the graph so the same file serves any region size:
-    # round(side * size / longer_side / 16) * 16, at least 16.
-    hw = b.op("Cast", [b.op("Slice", [b.op("Shape", [x]), b.const([2]), b.const([4])])], to=1)
-    scale = b.op("Div", [b.const([float(size)], np.float32), b.op("ReduceMax", [hw], keepdims=1)])
+    x = b.op("Unsqueeze", [x, b.const([0])])  # [1, h, w, 3]
+    hw = b.op("Cast", [b.op("Slice", [b.op("Shape", [x]), b.const([1]), b.const([3])])], to=1)
+    # A region to be shrunk more than LARGE times (a 12-megapixel phone photo, say) is first
+    # shrunk to twice its working size while still uint8 and channels-last: it never becomes
+    # a float copy of itself (145 MB), and it takes a third of the time. Others pass unchanged.
+    scale = _scale(b, hw, size)
+    large = b.op("Less", [scale, b.const([1.0 / LARGE], np.float32)])
+    factor = b.op("Where", [large, b.op("Add", [scale, scale]), b.const([1.0], np.float32)])
+    hw = b.op("Round", [b.op("Mul", [hw, factor])])
+    first = b.op("Concat", [b.const([1]), b.op("Cast", [hw], to=7), b.const([3])], axis=0)
+    x = b.op("Resize", [x, "", "", first], mode="linear", antialias=1)
+    x = b.op("Transpose", [b.op("Cast", [x], to=TensorProto.FLOAT)], perm=[0, 3, 1, 2])
+    # The working size, computed in the graph so the same file serves any region size.
     sixteenths = b.op(
-        "Round", [b.op("Div", [b.op("Mul", [hw, scale]), b.const([16.0], np.float32)])]
+        "Round",
+        [b.op("Div", [b.op("Mul", [hw, _scale(b, hw, size)]), b.const([16.0], np.float32)])],
     )
-    sixteenths = b.op("Max", [sixteenths, b.const([1.0], np.float32)])
     target = b.op("Cast", [b.op("Mul", [sixteenths, b.const([16.0], np.float32)])], to=7)
     sizes = b.op("Concat", [b.const([1, 3]), target], axis=0)
     x = b.op("Resize", [x, "", "", sizes], mode="linear", antialias=1)

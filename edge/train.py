@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,61 +68,58 @@ def _quiet(stage: str, done: int, total: int) -> None:
     pass
 
 
-def _load(folder: Path) -> tuple[list[Path], list[np.ndarray]]:
-    paths = list_images(folder)
-    return paths, [read_image(p) for p in paths]
+class _Checks:
+    """Checks training images one at a time, as they are read (a dozen phone photos would not
+    fit in a Pi's memory at once): one size when a region of interest needs it, a region that
+    fits, and no picture twice (leave-one-out would calibrate it against its twin)."""
 
+    def __init__(self, roi: tuple[int, int, int, int] | None) -> None:
+        self.roi = roi
+        self.first: tuple[Path, tuple[int, int]] | None = None
+        self.odd: Path | None = None  # the first image whose size differs from the first one's
+        self.seen: dict[str, Path] = {}
 
-def _check_sizes(
-    paths: list[Path], images: list[np.ndarray], roi: tuple[int, int, int, int] | None
-) -> tuple[int, int] | None:
-    """The common (h, w) of the images, or None when they differ and no ROI needs one size."""
-    sizes = {im.shape[:2] for im in images}
-    first = images[0].shape[:2]
-    if len(sizes) > 1:
-        odd, (h, w) = next(
-            (p, im.shape[:2]) for p, im in zip(paths, images, strict=True) if im.shape[:2] != first
-        )
-        if roi is not None:
-            raise TrainError(
-                f"image {odd} is {w}x{h} but {paths[0].name} is {first[1]}x{first[0]}; "
-                "a region of interest needs all images the same size"
-            )
-        log.warning("images differ in size (e.g. %s); the model will take any size", odd.name)
-        return None
-    if roi is not None:
-        x, y, w, h = roi
-        if x < 0 or y < 0 or w < 16 or h < 16 or x + w > first[1] or y + h > first[0]:
-            raise TrainError(f"ROI {roi} does not fit in the {first[1]}x{first[0]} images")
-    return first
-
-
-def _check_duplicates(paths: list[Path], images: list[np.ndarray]) -> None:
-    """The same picture twice would calibrate on itself (leave-one-out keeps its twin)."""
-    seen: dict[str, Path] = {}
-    for path, image in zip(paths, images, strict=True):
+    def add(self, path: Path, image: np.ndarray) -> None:
+        hw = image.shape[:2]
+        if self.first is None:
+            self.first = (path, hw)
+            if self.roi is not None:
+                x, y, w, h = self.roi
+                if x < 0 or y < 0 or w < 16 or h < 16 or x + w > hw[1] or y + h > hw[0]:
+                    raise TrainError(f"ROI {self.roi} does not fit in the {hw[1]}x{hw[0]} images")
+        elif hw != self.first[1]:
+            if self.roi is not None:
+                first, (fh, fw) = self.first
+                raise TrainError(
+                    f"image {path} is {hw[1]}x{hw[0]} but {first.name} is {fw}x{fh}; "
+                    "a region of interest needs all images the same size"
+                )
+            self.odd = self.odd or path
         key = pixel_hash(image)
-        if key in seen:
+        if key in self.seen:
             raise TrainError(
-                f"images {seen[key]} and {path} are the same picture; keep one of them"
+                f"images {self.seen[key]} and {path} are the same picture; keep one of them"
             )
-        seen[key] = path
+        self.seen[key] = path
+
+    @property
+    def image_hw(self) -> tuple[int, int] | None:
+        """The common (h, w) of the images, or None when they differ."""
+        return None if self.odd or self.first is None else self.first[1]
 
 
 def _augment(
     image: np.ndarray, n: int, opts: TrainOptions, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """n copies of image, each shifted (and rotated, if asked) a little, as a part placed
-    again would be. The strip uncovered at the border repeats the edge pixels: mirroring
-    them would add structure (a mirrored corner or line) that no real image shows."""
+) -> Iterator[np.ndarray]:
+    """n copies of image, made one at a time, each shifted (and turned, if asked) a little, as
+    a part placed again would be. The strip uncovered at the border repeats the edge pixels:
+    mirroring them would add structure (a mirrored corner or line) that no real image shows."""
     h, w = image.shape[:2]
-    out = []
     for _ in range(n):
         angle = rng.uniform(-opts.rotate_deg, opts.rotate_deg)
         m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0).astype(np.float64)
         m[:, 2] += rng.uniform(-opts.shift, opts.shift, 2) * np.array([w, h])
-        out.append(cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REPLICATE))
-    return out
+        yield cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REPLICATE)
 
 
 def coreset(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
@@ -233,24 +231,22 @@ def train(
         raise TrainError(f"training folder {data} does not exist")
     if not normal_dir.is_dir():
         raise TrainError(f"training folder {data} has no normal/ folder of good images")
-    normal_paths, normals = _load(normal_dir)
-    if len(normals) < MIN_NORMAL:
+    normal_paths = list_images(normal_dir)
+    if len(normal_paths) < MIN_NORMAL:
         raise TrainError(
-            f"folder {normal_dir} holds {len(normals)} images; "
+            f"folder {normal_dir} holds {len(normal_paths)} images; "
             f"training needs at least {MIN_NORMAL} good ones"
         )
     anomaly_paths: list[Path] = []
-    anomalies: list[np.ndarray] = []
     if anomaly_dir.is_dir() and any(anomaly_dir.iterdir()):
-        anomaly_paths, anomalies = _load(anomaly_dir)
-    image_hw = _check_sizes(normal_paths + anomaly_paths, normals + anomalies, opts.roi)
-    _check_duplicates(normal_paths + anomaly_paths, normals + anomalies)
+        anomaly_paths = list_images(anomaly_dir)
+    checks = _Checks(opts.roi)
 
     backbone_file = backbone_path()
     backbone = onnx.load(str(backbone_file))
     threads = opts.threads or os.cpu_count() or 1
     features = ort.InferenceSession(
-        graph.build_feature_graph(backbone, image_hw, opts.roi, opts.size).SerializeToString(),
+        graph.build_feature_graph(backbone, None, opts.roi, opts.size).SerializeToString(),
         session_options(threads),
         providers=["CPUExecutionProvider"],
     )
@@ -262,10 +258,13 @@ def train(
     # (rotate_deg > 0), their turned copies too, so that such a turn is not rejected.
     fmaps: list[np.ndarray] = []
     fmap_owner: list[int] = []
-    total = len(normals) * (1 + opts.augment)
+    total = len(normal_paths) * (1 + opts.augment)
     done = 0
-    for i, image in enumerate(normals):
-        for copy, view in enumerate([image, *_augment(image, opts.augment, opts, rng)]):
+    for i, path in enumerate(normal_paths):
+        image = read_image(path)
+        checks.add(path, image)
+        views = itertools.chain([image], _augment(image, opts.augment, opts, rng))
+        for copy, view in enumerate(views):
             (fmap,) = features.run(None, {"image": view})
             if copy == 0 or opts.rotate_deg:
                 fmaps.append(fmap)
@@ -309,7 +308,7 @@ def train(
 
     # Held-out maps: each good image against the bank without the entries it contributed. They
     # give the distances good parts show at each position class, then the held-out scores.
-    steps = 2 * len(fmaps) + len(anomalies)
+    steps = 2 * len(fmaps) + len(anomaly_paths)
     held_out = [bank_owner != i for i in fmap_owner]
     raw_maps = []
     for i, fmap in enumerate(fmaps):
@@ -323,14 +322,20 @@ def train(
         progress("calibration", len(fmaps) + i + 1, steps)
     everything = np.ones(len(bank), dtype=bool)
     anomaly_scores = []
-    for j, image in enumerate(anomalies):
+    for j, path in enumerate(anomaly_paths):
+        image = read_image(path)
+        checks.add(path, image)
         (fmap,) = features.run(None, {"image": image})
         anomaly_scores.append(score(fmap, everything)[0])
         progress("calibration", 2 * len(fmaps) + j + 1, steps)
     ns, ans = np.array(normal_scores), np.array(anomaly_scores)
+    image_hw = checks.image_hw
+    if image_hw is None:
+        log.warning("images differ in size (e.g. %s); the model will take any size", checks.odd)
     good = ""
-    if len(fmaps) > len(normals):
-        good = f"{len(normals)} held-out good images and {len(fmaps) - len(normals)} turned copies"
+    n_normal, n_anomaly = len(normal_paths), len(anomaly_paths)
+    if len(fmaps) > n_normal:
+        good = f"{n_normal} held-out good images and {len(fmaps) - n_normal} turned copies"
     threshold, rule, frr = _threshold(ns, ans, opts.false_reject_rate, good)
 
     meta = ModelMeta(
@@ -351,8 +356,8 @@ def train(
             "edge_inspect.backbone", backbone_file.stem
         ),
         backbone_sha256=hashlib.sha256(backbone_file.read_bytes()).hexdigest(),
-        train_normal_count=len(normals),
-        train_anomaly_count=len(anomalies),
+        train_normal_count=n_normal,
+        train_anomaly_count=n_anomaly,
         train_images_sha256=_hash_files(normal_paths + anomaly_paths),
         bank_size=len(bank),
         augment=opts.augment,

@@ -84,6 +84,24 @@ def test_format_comes_from_the_bytes_not_the_suffix(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_image(path), part_image())
 
 
+def test_phone_photos_are_read_the_way_up_the_phone_shows_them(tmp_path: Path) -> None:
+    # Phones store a portrait photo as landscape pixels plus an EXIF orientation tag; training
+    # on sideways parts and then judging upright ones would fail. Orientation 6: turn 90 deg
+    # clockwise to display.
+    stored = part_image(60, 100)
+    ok, jpeg = cv2.imencode(".jpg", stored, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    ifd = struct.pack("<H", 1) + struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0) + struct.pack("<I", 0)
+    exif = b"Exif\0\0" + b"II*\0" + struct.pack("<I", 8) + ifd
+    app1 = b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif
+    path = tmp_path / "portrait.jpg"
+    path.write_bytes(jpeg.tobytes()[:2] + app1 + jpeg.tobytes()[2:])
+    image = read_image(path)
+    assert image.shape == (100, 60, 3)
+    upright = cv2.rotate(stored, cv2.ROTATE_90_CLOCKWISE)
+    assert np.abs(image.astype(int) - upright.astype(int)).mean() < 3
+
+
 def test_non_ascii_paths_are_read(tmp_path: Path) -> None:
     folder = tmp_path / "Prüfteile 検査"
     folder.mkdir()

@@ -122,6 +122,27 @@ def test_onnx_output_matches_an_independent_numpy_computation(tmp_path: Path, pa
     assert score == pytest.approx(float(smooth.max()), rel=2e-3)
 
 
+def test_a_phone_sized_photo_gives_the_features_of_the_same_scene_at_camera_size(
+    parts: Path,
+) -> None:
+    # Photos over graph.LARGE * size px are shrunk in uint8 before anything else (so a
+    # 12-megapixel photo is never a float copy of itself); the result must be the same.
+    size = 64
+    session = ort.InferenceSession(
+        graph.build_feature_graph(
+            onnx.load(str(backbone_path())), None, None, size
+        ).SerializeToString(),
+        providers=["CPUExecutionProvider"],
+    )
+    small = read_image(list_images(parts / "test" / "anomaly")[0])  # 160x120
+    big = cv2.resize(small, None, fx=5, fy=5, interpolation=cv2.INTER_CUBIC)  # 800x600
+    assert max(big.shape) > graph.LARGE * size >= max(small.shape)
+    (f_small,) = session.run(None, {"image": small})
+    (f_big,) = session.run(None, {"image": big})
+    assert f_big.shape == f_small.shape
+    assert np.abs(f_big - f_small).mean() < 0.05 * np.abs(f_small).mean()
+
+
 def test_region_of_interest_ignores_what_lies_outside(tmp_path: Path, parts: Path) -> None:
     normal = list_images(parts / "train" / "normal")
     h, w = read_image(normal[0]).shape[:2]
@@ -144,9 +165,31 @@ def test_region_of_interest_ignores_what_lies_outside(tmp_path: Path, parts: Pat
 
 
 def test_region_keeps_its_aspect_ratio() -> None:
-    assert graph.resized_size(100, 1000, 256) == (32, 256)  # a thin strip stays thin
-    assert graph.resized_size(1000, 100, 256) == (256, 32)
+    assert graph.resized_size(380, 550, 256) == (176, 256)
     assert graph.map_size(380, 550, 256) == (22, 32)
+    # A strip too thin for the longer side to be 256 keeps its ratio at a shorter side of 48.
+    assert graph.resized_size(100, 1000, 256) == (48, 480)
+    assert graph.resized_size(1000, 100, 256) == (480, 48)
+
+
+def test_a_thin_strip_of_interest_trains_and_finds_a_spot_in_it(
+    tmp_path: Path, textures: Path
+) -> None:
+    # A seam or a label edge: a region ten times as long as it is high. Scaled so its longer
+    # side were 256 px it would be 26 px high, too thin for the network's padding.
+    roi = (0, 52, 160, 16)
+    out = tmp_path / "strip.onnx"
+    train(textures / "train", out, TrainOptions(roi=roi))
+    model = Model(out)
+    frame = read_image(list_images(textures / "test" / "normal")[0])
+    clean = model.detect(frame)
+    spotted = frame.copy()
+    cv2.circle(spotted, (100, 60), 4, (20, 20, 20), -1)
+    found = model.detect(spotted)
+    assert clean.anomaly_map.shape == graph.map_size(16, 160, 256) == (6, 60)
+    assert clean.verdict == "ok"
+    assert found.verdict == "ng" and found.score > 2 * clean.score
+    assert 80 <= found.boxes[0].x + found.boxes[0].w / 2 <= 120
 
 
 def test_grayscale_images_train_a_model(tmp_path: Path, textures: Path) -> None:
