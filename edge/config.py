@@ -230,6 +230,11 @@ class WebConfig(_Section):
     live_fps: float = Field(
         4.0, gt=0, le=15, description="Most live pictures a second the page is sent"
     )
+    dataset_max_mb: float = Field(
+        1000.0,
+        gt=0,
+        description="Most disk space the page's dataset may take; adding beyond it is refused",
+    )
 
     @model_validator(mode="after")
     def _access(self) -> WebConfig:

@@ -62,8 +62,9 @@ class Dataset:
     'train/normal/cap-20261126-093000-3f9a0c1b2d4e5f60.png'
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
         self.root = root
+        self.max_bytes = max_bytes  # None: no limit
         self._lock = threading.Lock()
 
     def items(self) -> list[Item]:
@@ -113,6 +114,13 @@ class Dataset:
             twin = next((i for i in items if i.name.endswith(f"-{key}.png")), None)
             if twin is not None:
                 raise DatasetError(f"this picture is in the dataset already, as {twin.id}")
+            used = sum(i.bytes for i in items)
+            if self.max_bytes is not None and used + len(png) > self.max_bytes:
+                raise DatasetError(
+                    f"the dataset holds {used / 1e6:.1f} MB and this image would take it over "
+                    f"its limit of {self.max_bytes / 1e6:g} MB ([web] dataset_max_mb); "
+                    "delete images first"
+                )
             have = {s: sum(i.split == s and i.label == label for i in items) for s in SPLITS}
             total = have["train"] + have["test"] + 1
             split = "test" if have["test"] + 1 <= TEST_SHARE * total else "train"

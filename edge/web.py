@@ -71,7 +71,7 @@ class Web:
         self.station = station
         self.cfg = station.cfg.web
         state = station.cfg.station.state_dir
-        self.dataset = Dataset(state / "dataset")
+        self.dataset = Dataset(state / "dataset", round(self.cfg.dataset_max_mb * 1e6))
         self.trainer = Trainer(self.dataset.root, state / "training")
         self.sessions = Sessions(self.cfg.password_hash, self.cfg.session_hours * 3600)
         self.local_only = is_loopback(self.cfg.host)

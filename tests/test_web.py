@@ -322,6 +322,28 @@ def test_uploads_are_checked_like_any_image(start_page: StartPage, parts: Path) 
     ] == [item["name"]]
 
 
+def test_the_dataset_stays_within_its_disk_limit(start_page: StartPage, parts: Path) -> None:
+    station, page = start_page(dataset_max_mb=0.1)
+    page.start()
+    added, refused = [], None
+    for path in sorted((parts / "train" / "normal").iterdir()):
+        status, doc = page.upload("/api/dataset/upload?label=normal", path.read_bytes())
+        if status != 201:
+            refused = (status, doc["error"])
+            break
+        added.append(doc)
+    assert added and refused is not None, "100 kB must take a few parts, not all 20"
+    assert refused[0] == 409
+    assert "over its limit of 0.1 MB ([web] dataset_max_mb); delete images first" in refused[1]
+    files = [p for p in (station.cfg.station.state_dir / "dataset").rglob("*") if p.is_file()]
+    assert sorted(p.name for p in files) == sorted(d["name"] for d in added)
+    assert sum(p.stat().st_size for p in files) <= 100_000
+    # Room again after a delete.
+    assert page.post("/api/dataset/delete", {"id": added[0]["id"]}) == (200, {})
+    status, _ = page.upload("/api/dataset/upload?label=normal", path.read_bytes())
+    assert status == 201
+
+
 # --- trial detection ---
 
 
