@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 MIN_NORMAL = 10
 BANK_RATIO = 0.1  # share of all training patches kept in the memory bank
 BANK_MAX = 1536  # bounds inference time: one [patches x bank] matrix product per frame
+# Bounds training memory when a dataset grows to hundreds of images (the page lets it): at
+# most this many patches go into the coreset (120 MB), and at most this many good views are
+# held out for calibration. Twenty images at the default size stay well under both.
+PATCH_BUDGET = 200_000
+CALIBRATION_VIEWS = 200
 
 Progress = Callable[[str, int, int], None]
 
@@ -141,7 +146,8 @@ def coreset(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
         return out
 
     chosen = np.empty(n, dtype=np.int64)
-    chosen[0] = int(np.argmin(((z - z.mean(0)) ** 2).sum(1)))
+    centre = z.mean(0)
+    chosen[0] = int(np.argmin(zz - 2 * (z @ centre)))  # nearest the mean, without a copy of z
     dist = sq_dist(chosen[0])
     for i in range(1, n):
         chosen[i] = int(np.argmax(dist))
@@ -177,16 +183,15 @@ def _hash_files(paths: list[Path]) -> str:
 
 
 def _threshold(
-    normal: np.ndarray, anomaly: np.ndarray, false_reject_rate: float, good: str = ""
+    normal: np.ndarray, anomaly: np.ndarray, false_reject_rate: float, good: str
 ) -> tuple[float, str, float]:
     """(threshold, rule, expected false-reject rate) from held-out good and defect scores.
 
-    `good` says what the good scores are of, for the rule; by default "N held-out good images".
+    `good` says what the good scores are of, for the rule: "20 held-out good images".
 
     Held-out good scores are modelled as a normal distribution: that gives the threshold for a
     target false-reject rate when there are no labelled defects, and the expected rate always.
     """
-    good = good or f"{len(normal)} held-out good images"
     fit = NormalDist(float(normal.mean()), max(float(normal.std(ddof=1)), 1e-6))
     if len(anomaly):
         t = best_threshold(normal, anomaly)
@@ -252,13 +257,28 @@ def train(
     )
 
     rng = np.random.default_rng(opts.seed)
-    patches: list[np.ndarray] = []
-    owners: list[np.ndarray] = []
+    sampler = np.random.default_rng(opts.seed + 1)  # leaves the copies' shifts as they were
+    total = len(normal_paths) * (1 + opts.augment)
+    per_view = max(1, PATCH_BUDGET // total)
+    # Patches go straight into one buffer: pages never written cost no memory.
+    x = np.empty((0, 0), np.float32)
+    owner = np.empty(total * per_view, np.int64)
+    used = 0
     # Calibration views: the good images as taken and, when turns are declared normal
-    # (rotate_deg > 0), their turned copies too, so that such a turn is not rejected.
+    # (rotate_deg > 0), their turned copies too, so that such a turn is not rejected; a
+    # random CALIBRATION_VIEWS of them when there are more.
+    views_wanted = [
+        (i, c)
+        for i in range(len(normal_paths))
+        for c in range(1 + opts.augment)
+        if c == 0 or opts.rotate_deg
+    ]
+    if len(views_wanted) > CALIBRATION_VIEWS:
+        keep = sampler.choice(len(views_wanted), CALIBRATION_VIEWS, replace=False)
+        views_wanted = [views_wanted[k] for k in sorted(keep)]
+    calibration = set(views_wanted)
     fmaps: list[np.ndarray] = []
     fmap_owner: list[int] = []
-    total = len(normal_paths) * (1 + opts.augment)
     done = 0
     for i, path in enumerate(normal_paths):
         image = read_image(path)
@@ -266,16 +286,20 @@ def train(
         views = itertools.chain([image], _augment(image, opts.augment, opts, rng))
         for copy, view in enumerate(views):
             (fmap,) = features.run(None, {"image": view})
-            if copy == 0 or opts.rotate_deg:
+            if (i, copy) in calibration:
                 fmaps.append(fmap)
                 fmap_owner.append(i)
             p = fmap[0].reshape(fmap.shape[1], -1).T
-            patches.append(p)
-            owners.append(np.full(len(p), i))
+            if len(p) > per_view:
+                p = p[np.sort(sampler.choice(len(p), per_view, replace=False))]
+            if not x.size:
+                x = np.empty((total * per_view, p.shape[1]), np.float32)
+            x[used : used + len(p)] = p
+            owner[used : used + len(p)] = i
+            used += len(p)
             done += 1
             progress("features", done, total)
-    x = np.concatenate(patches)
-    owner = np.concatenate(owners)
+    x, owner = x[:used], owner[:used]
     channels = x.shape[1]
 
     n_bank = min(BANK_MAX, max(1, int(len(x) * BANK_RATIO)))
@@ -332,10 +356,13 @@ def train(
     image_hw = checks.image_hw
     if image_hw is None:
         log.warning("images differ in size (e.g. %s); the model will take any size", checks.odd)
-    good = ""
     n_normal, n_anomaly = len(normal_paths), len(anomaly_paths)
-    if len(fmaps) > n_normal:
-        good = f"{n_normal} held-out good images and {len(fmaps) - n_normal} turned copies"
+    taken = sum(c == 0 for _, c in views_wanted)
+    turned = len(views_wanted) - taken
+    sample = "" if taken == n_normal else f"a random {taken} of "
+    good = f"{sample}{n_normal} held-out good images"
+    if turned:
+        good += f" and {turned} turned copies"
     threshold, rule, frr = _threshold(ns, ans, opts.false_reject_rate, good)
 
     meta = ModelMeta(

@@ -325,6 +325,26 @@ def test_turned_copies_teach_a_part_that_turns(tmp_path: Path) -> None:
     assert "turned copies" in read_meta(turning).calibration
 
 
+def test_a_large_dataset_is_sampled_to_bounded_memory_and_still_separates(
+    tmp_path: Path, parts: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The page lets a dataset grow to hundreds of images; training then keeps a random share
+    # of each view's patches and holds out a random set of views. The real limits (200,000
+    # patches, 200 views) are lowered here so that 20 images exceed them.
+    monkeypatch.setattr("edge.train.PATCH_BUDGET", 5_000)
+    monkeypatch.setattr("edge.train.CALIBRATION_VIEWS", 12)
+    out = tmp_path / "sampled.onnx"
+    result = train(parts / "train", out)
+    assert result.meta.bank_size <= 500  # 10 % of the patches kept
+    assert result.meta.calibration == (
+        "best separation of a random 12 of 20 held-out good images and 6 labelled defective images"
+    )
+    model = Model(out)
+    good = scores(model, parts / "test" / "normal")
+    bad = scores(model, parts / "test" / "anomaly")
+    assert max(good) < min(bad)
+
+
 def test_augmentation_options_out_of_range_are_refused(tmp_path: Path, textures: Path) -> None:
     out = tmp_path / "x.onnx"
     for opts, message in [
