@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -141,20 +142,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     from edge.files import write_atomically
-    from edge.images import ImageError, read_image
+    from edge.images import ImageError, list_images, read_image
     from edge.model import Model
     from edge.overlay import draw_overlay
 
     model = Model(args.model, threads=1)
+    paths = [p for arg in args.images for p in (list_images(arg) if arg.is_dir() else [arg])]
     args.overlays.mkdir(parents=True, exist_ok=True)
     out = []
-    for path in args.images:
+    names: set[str] = set()
+    for path in paths:
         image = read_image(path)
         try:
             detection = model.detect(image)
         except ValueError as exc:
             raise ImageError(f"image {path}: {exc}") from None
-        overlay = args.overlays / f"{path.stem}.png"
+        # a/001.jpg and b/001.jpg (or 001.jpg and 001.png) each keep their own overlay
+        name = next(
+            n for k in itertools.count() if (n := path.stem + (f"-{k}" if k else "")) not in names
+        )
+        names.add(name)
+        overlay = args.overlays / f"{name}.png"
         cv2.imwrite(str(overlay), draw_overlay(image, detection))
         out.append({"file": str(path), **detection.as_dict(), "overlay": str(overlay)})
         if not args.json:
@@ -374,7 +382,7 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("detect", help="trial detection: verdict, score, area and regions per image")
     d.add_argument("model", type=Path, help="model file (.onnx)")
-    d.add_argument("images", type=Path, nargs="+", help="image files to judge")
+    d.add_argument("images", type=Path, nargs="+", help="image files, or folders of them")
     d.add_argument(
         "--overlays",
         type=Path,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 
 from edge.cli import EX_DATAERR, EX_NOINPUT
@@ -70,6 +71,36 @@ def test_detect_reports_verdict_area_and_boxes(
     assert images[0]["area"] > 0 and images[0]["boxes"]
     assert images[1]["area"] == 0 and images[1]["boxes"] == []
     assert all(Path(i["overlay"]).is_file() for i in images)
+
+
+def test_detect_takes_folders_and_keeps_every_overlay(
+    tmp_path: Path, parts: Path, parts_model: Path
+) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    good = list_images(parts / "test" / "normal")[0]
+    twin = other / list_images(parts / "test" / "anomaly")[0].name  # a defect's name, good part
+    twin.write_bytes(good.read_bytes())
+    r = run(
+        "detect",
+        parts_model,
+        parts / "test" / "anomaly",
+        other,
+        "--json",
+        "--overlays",
+        tmp_path / "ov",
+    )
+    assert r.returncode == 0, r.stderr
+    images = json.loads(r.stdout)["images"]
+    n_bad = len(list_images(parts / "test" / "anomaly"))
+    assert [i["verdict"] for i in images] == ["ng"] * n_bad + ["ok"]
+    overlays = {i["overlay"] for i in images}
+    assert len(overlays) == n_bad + 1 and all(Path(o).is_file() for o in overlays)
+    # The good twin's overlay did not overwrite the defect's: that one still says NG.
+    first = cv2.imread(images[0]["overlay"])
+    assert first[5, 5, 2] > first[5, 5, 1]  # the label strip is red (BGR), not green
+    r = run("detect", parts_model, tmp_path / "ov" / "nothing-here")
+    assert r.returncode == EX_NOINPUT and "does not exist" in r.stderr
 
 
 def test_info_prints_the_contract(parts_model: Path) -> None:
