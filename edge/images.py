@@ -38,7 +38,9 @@ def list_images(folder: Path) -> list[Path]:
         if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
     )
     if not images:
-        raise ImageError(f"folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        nested = any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+        hint = "; images in its subfolders are not read: put them in it directly" if nested else ""
+        raise ImageError(f"folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}){hint}")
     return images
 
 

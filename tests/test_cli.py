@@ -141,6 +141,27 @@ def test_empty_and_missing_folders_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_defects_sorted_into_subfolders_are_not_silently_left_out(
+    tmp_path: Path, parts: Path, parts_model: Path
+) -> None:
+    # An MVTec-style layout, anomaly/<defect type>/*.png: evaluating without the defects
+    # would report figures for good parts alone.
+    data = tmp_path / "test"
+    (data / "normal").mkdir(parents=True)
+    (data / "anomaly" / "stain").mkdir(parents=True)
+    for p in list_images(parts / "train" / "normal"):
+        (data / "normal" / p.name).write_bytes(p.read_bytes())
+    for p in list_images(parts / "test" / "anomaly"):
+        (data / "anomaly" / "stain" / p.name).write_bytes(p.read_bytes())
+    hint = "images in its subfolders are not read: put them in it directly"
+    r = run("evaluate", parts_model, data, "--report", tmp_path / "report")
+    assert r.returncode == EX_DATAERR
+    assert f"folder {data / 'anomaly'} holds no images" in r.stderr and hint in r.stderr
+    assert not (tmp_path / "report" / "report.html").exists()
+    r = run("train", data, "-o", tmp_path / "m.onnx")
+    assert r.returncode == EX_DATAERR and hint in r.stderr
+
+
 def test_model_that_is_not_ours_is_refused(tmp_path: Path, parts: Path) -> None:
     fake = tmp_path / "fake.onnx"
     fake.write_bytes(b"\x08\x07garbage")
