@@ -55,7 +55,8 @@ class FrameSource(Protocol):
     name: str
     """What to call it in messages, e.g. "folder demo/data/test", "opencv 0", "picamera2 0"."""
     dropped: int
-    """Frames produced but never handed out because the caller was slower than the camera."""
+    """Frames produced but never handed out because the caller was slower than the camera.
+    Frames skipped by a read(fresh=True) are not counted: nobody asked for them."""
 
     def open(self) -> None:
         """Start the camera; raise SourceError saying why it cannot start."""
@@ -164,10 +165,16 @@ class FolderReplay:
             try:
                 image = self._load(k % self._count)  # None: the video was shorter than it said
             except ImageError as exc:
-                self.dropped, self._next = self.dropped + k - first, k + 1
+                self._skip_to(k, first, fresh)
                 raise SourceError(str(exc)) from None
-        self.dropped, self._next = self.dropped + k - first, k + 1
+        self._skip_to(k, first, fresh)
         return Frame(check_frame(image, self.name), k + 1, exposed, _wall(exposed))
+
+    def _skip_to(self, k: int, first: int, fresh: bool) -> None:
+        """Frame k is taken: frames first..k-1 were skipped (dropped, unless fresh)."""
+        if not fresh:
+            self.dropped += k - first
+        self._next = k + 1
 
     def _load(self, i: int) -> np.ndarray | None:
         if not self._is_video:
@@ -319,7 +326,8 @@ class OpenCVCamera:
                 if left <= 0:
                     raise SourceError(f"{self.name} gave no frame within {timeout_s:g} s")
                 self._cond.wait(left)
-            self.dropped += latest.seq - self._handed - 1
+            if not fresh:
+                self.dropped += latest.seq - self._handed - 1
             self._handed = latest.seq
         image = check_frame(latest.image, self.name)
         return Frame(image, latest.seq, latest.captured, latest.wall)
@@ -441,7 +449,8 @@ class PiCamera:
         if self._last_sensor_ns is not None and frame_us:
             skipped = max(0, round((sensor_ns - self._last_sensor_ns) / (frame_us * 1000)) - 1)
         self._seq += 1 + skipped
-        self.dropped += skipped
+        if not fresh:
+            self.dropped += skipped
         self._last_start_ns, self._last_sensor_ns = start_ns, sensor_ns
         return Frame(image, self._seq, start_ns / 1e9, _wall(start_ns / 1e9))
 

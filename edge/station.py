@@ -180,6 +180,7 @@ class Station:
         self._last_frame: Frame | None = None
         self._ok_count = 0
         self._source_failures = 0
+        self._open_error = ""  # why the source last failed to open, until it opens
         self._journal_failed = False
         self._loader: threading.Thread | None = None
         self._loader_lock = threading.Lock()
@@ -232,10 +233,7 @@ class Station:
             self.link.start()
         if self.web:
             self.web.start()
-        try:
-            self.source.open()
-        except SourceError as exc:
-            self._source_failed(exc)
+        self._open_source(first=True)
         if not self._source_failures:
             self._set_status("online", "")
         self.notifier.ready(f"inspecting with model {self.model.id}")
@@ -428,7 +426,9 @@ class Station:
 
     def _set_status(self, status: str, reason: str) -> None:
         if (status, reason) != (self.status, self.reason):
-            log.info("status %s%s", status, f": {reason}" if reason else "")
+            # A fault goes to the journal at the default level: it is what an engineer needs.
+            level = logging.WARNING if status == "degraded" else logging.INFO
+            log.log(level, "status %s%s", status, f": {reason}" if reason else "")
         self.status, self.reason = status, reason
         if self.link:
             self.link.set_status(
@@ -492,18 +492,34 @@ class Station:
                 "reopening source %s after %d failures", self.source.name, self._source_failures
             )
             self.source.close()
-            try:
-                self.source.open()
-            except SourceError as again:
-                self._set_status("degraded", str(again))
+            self._open_source(first=False)
+
+    def _open_source(self, first: bool) -> None:
+        try:
+            self.source.open()
+            self._open_error = ""
+        except SourceError as exc:
+            self._open_error = str(exc)
+            if first:
+                self._source_failed(exc)
+            else:
+                self._set_status("degraded", str(exc))
 
     def _inspect(self, fresh: bool, part_id: str | None) -> None:
         try:
             frame = self.source.read(fresh=fresh)
+            try:
+                self.model.check_frame(frame.image)
+            except ValueError as exc:  # the camera was set up for another model, say
+                raise SourceError(f"{self.source.name}: {exc}") from None
         except SourceEnded:
             raise
         except SourceError as exc:
-            self._source_failed(exc)
+            # After a failed reopen, "not open" would hide why: report the reason it failed.
+            fault = SourceError(self._open_error) if self._open_error else exc
+            if fresh:  # the controller waits for this part's verdict: say why none comes
+                self._refuse("trigger", f"no verdict for part {part_id or '(none)'}: {fault}")
+            self._source_failed(fault)
             return
         if self._source_failures:
             log.info("source %s delivers again", self.source.name)

@@ -350,6 +350,21 @@ def test_picamera2_fresh_read_flushes(
     assert (camera.entered, camera.exited) == (2, 2)
 
 
+def test_frames_passed_over_for_a_fresh_one_are_not_counted_as_dropped(
+    tmp_path: Path, picamera2: type[fake_picamera2.Picamera2], sources: list[FrameSource]
+) -> None:
+    # A triggered station reads fresh frames only; the ones it did not ask for between two
+    # triggers were not dropped because it was busy, and P/stats must not say they were.
+    replay = opened(sources, open_source(folder(write_images(tmp_path, 20), fps=50)))
+    pi_camera = opened(sources, open_source(pi()))  # the stand-in runs at 100 frames/s
+    for source in (replay, pi_camera):
+        first = source.read(fresh=True)
+        time.sleep(0.1)
+        later = source.read(fresh=True)
+        assert later.seq - first.seq >= 4
+        assert source.dropped == 0, source.name
+
+
 def test_picamera2_newest_wins_and_drops_count(
     picamera2: type[fake_picamera2.Picamera2], sources: list[FrameSource]
 ) -> None:

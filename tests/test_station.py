@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from conftest import Broker, Subscriber, write_config
@@ -293,7 +294,8 @@ def test_check_config_names_every_problem_and_exits_78(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(
         '[station]\nbudgt_ms = 5\n[model]\npath = "m.onnx"\nthreads = 0\n'
-        '[source]\nkind = "folder"\npath = "x"\nfps = -1\n'
+        '[source]\nkind = "folder"\npath = "x"\nfps = inf\n'
+        '[mqtt]\nport = 70000\nprefix = "a/#"\n'
     )
     r = subprocess.run(
         [sys.executable, "-m", "edge.cli", "check-config", str(bad)],
@@ -306,7 +308,22 @@ def test_check_config_names_every_problem_and_exits_78(tmp_path: Path) -> None:
     assert any("station.budgt_ms: unknown key" in line for line in lines)
     assert any("model.threads:" in line for line in lines)
     assert any("source.fps:" in line for line in lines)
+    assert any("mqtt.port:" in line for line in lines)
+    assert any("mqtt.prefix: prefix 'a/#' must not hold wildcards" in line for line in lines)
     assert all(str(bad) in line for line in lines)
+    # A password file `run` could not read is found now, not when the service starts.
+    no_password = tmp_path / "nopw.toml"
+    no_password.write_text(
+        '[model]\npath = "m.onnx"\n[source]\nkind = "folder"\npath = "x"\n'
+        f'[mqtt]\nusername = "st"\npassword_file = "{tmp_path / "missing"}"\n'
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "check-config", str(no_password)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 78 and f"password file {tmp_path / 'missing'}" in r.stderr
     example = Path(__file__).parent.parent / "deploy" / "config.example.toml"
     r = subprocess.run(
         [sys.executable, "-m", "edge.cli", "check-config", str(example)],
@@ -447,6 +464,41 @@ def test_camera_fault_degrades_then_recovers_by_itself(
         done.set()
         station.stop()
         thread.join(15)
+
+
+def test_frames_of_another_size_degrade_the_station_and_answer_triggers(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    # A camera set to another resolution than the model was trained on: a fault to report
+    # and retry (someone fixes the camera or drops in the right model), never a crash that
+    # systemd would turn into a restart loop.
+    from edge.images import read_image
+
+    other = tmp_path / "other-size"
+    other.mkdir()
+    for p in sorted(replay.iterdir())[:3]:
+        image = read_image(p)
+        cv2.imwrite(str(other / f"{p.stem}.png"), cv2.resize(image, (200, 150)))
+    sub = subscribe("size/#")
+    config = write_config(
+        tmp_path, model_file, other, broker, "size", trigger={"mode": "triggered"}
+    )
+    station = run_station(config)
+    sub.wait_for("status", lambda m: m.payload == b"online")
+    sub.publish("size/cmd/trigger", json.dumps({"part_id": "A-7"}))
+    error = sub.wait_for("error").json()
+    assert error["command"] == "trigger"
+    assert "no verdict for part A-7" in error["error"] and "200x150" in error["error"]
+    state = sub.wait_for("state", lambda m: m.json()["status"] == "degraded").json()
+    assert "trained on" in state["reason"]
+    sub.publish("size/cmd/trigger", json.dumps({"part_id": "A-8"}))
+    sub.wait_for("error", lambda m: "A-8" in m.json()["error"])
+    assert sub.on("verdict") == [] and station.stats.frames == 0
 
 
 @pytest.fixture(scope="module")
