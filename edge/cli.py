@@ -6,9 +6,11 @@ import argparse
 import itertools
 import json
 import logging
+import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,22 @@ EX_NOINPUT = 66  # an input file or folder does not exist
 EX_UNAVAILABLE = 69  # the camera cannot be opened, the broker cannot be reached
 EX_CANTCREAT = 73  # an output cannot be written
 EX_CONFIG = 78
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type: a finite number above 0."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not 0 < value < float("inf"):
+            what = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what} above 0")
+        return value
+
+    return parse
 
 
 def _roi(text: str) -> tuple[int, int, int, int]:
@@ -102,17 +120,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from edge.evaluate import metrics_of, score_folder, to_json, write_outputs
-    from edge.files import write_atomically
+    from edge.evaluate import metrics_of, score_folder, write_outputs
     from edge.model import Model
 
     model = Model(args.model, threads=1)
     progress = _Progress()
     results = score_folder(model, args.data, lambda d, t: progress("scoring", d, t))
     metrics = metrics_of(model, results)
-    report = write_outputs(model, results, metrics, args.report)
-    if args.json:
-        write_atomically(args.json, to_json(metrics, results))
+    report = write_outputs(model, results, metrics, args.report, args.json)
     rows = [
         ("AUROC", "auroc"),
         ("average precision", "average_precision"),
@@ -129,6 +144,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for label, key in rows:
         v = metrics[key]
         print(f"  {label:18s} {v:.4f}" if isinstance(v, float) else f"  {label:18s} {v}")
+    if not metrics["anomaly_images"]:
+        print("  (no defective images: AUROC, precision and recall need some in anomaly/)")
     print("  confusion          predicted OK   predicted NG")
     print(f"    actually good    {metrics['tn']:12d}   {metrics['fp']:12d}")
     print(f"    actually bad     {metrics['fn']:12d}   {metrics['tp']:12d}")
@@ -163,7 +180,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
         )
         names.add(name)
         overlay = args.overlays / f"{name}.png"
-        cv2.imwrite(str(overlay), draw_overlay(image, detection))
+        ok, png = cv2.imencode(".png", draw_overlay(image, detection))
+        if not ok:
+            raise ImageError(f"the overlay of {path} cannot be encoded as PNG")
+        write_atomically(overlay, png.tobytes())
         out.append({"file": str(path), **detection.as_dict(), "overlay": str(overlay)})
         if not args.json:
             boxes = " ".join(f"[{b.x},{b.y} {b.w}x{b.h}]" for b in detection.boxes[:5])
@@ -210,6 +230,8 @@ def _config(path: Path) -> Config:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
+    if cfg.mqtt.enabled and cfg.mqtt.password_file:
+        cfg.mqtt.password()  # a ConfigError naming the file if `run` could not read it
     print(
         f"{args.config}: valid (station {cfg.station.name}, source {cfg.source.kind}, "
         f"model {cfg.model.path}, broker {cfg.mqtt.host}:{cfg.mqtt.port})"
@@ -229,6 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_records(args: argparse.Namespace) -> int:
+    from edge.files import open_atomically
     from edge.journal import Journal
 
     cfg = _config(args.config)
@@ -241,7 +264,7 @@ def cmd_records(args: argparse.Namespace) -> int:
             if str(args.csv) == "-":
                 n = journal.export_csv(sys.stdout, ng_only=args.ng)
             else:
-                with args.csv.open("w", newline="", encoding="utf-8") as f:
+                with open_atomically(args.csv) as f:
                     n = journal.export_csv(f, ng_only=args.ng)
                 print(f"wrote {n} records to {args.csv}", file=sys.stderr)
             return 0
@@ -291,15 +314,21 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
     from edge.access import hash_password
 
-    if sys.stdin.isatty():
-        password = getpass.getpass("page password: ")
-        if getpass.getpass("again: ") != password:
-            print("edge-inspect: the two passwords differ", file=sys.stderr)
-            return EX_USAGE
-    else:  # from a script: echo "$PW" | edge-inspect hash-password
-        password = sys.stdin.readline().rstrip("\n")
     try:
+        if sys.stdin.isatty():
+            password = getpass.getpass("page password: ")
+            if getpass.getpass("again: ") != password:
+                print("edge-inspect: the two passwords differ", file=sys.stderr)
+                return EX_USAGE
+        else:  # from a script: echo "$PW" | edge-inspect hash-password
+            password = sys.stdin.readline().rstrip("\n")
         stored = hash_password(password)
+    except EOFError:
+        print("\nedge-inspect: no password given", file=sys.stderr)
+        return EX_USAGE
+    except UnicodeError:
+        print("edge-inspect: the password is not valid UTF-8 text", file=sys.stderr)
+        return EX_USAGE
     except ValueError as exc:
         print(f"edge-inspect: {exc}", file=sys.stderr)
         return EX_USAGE
@@ -392,9 +421,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--json",
         type=Path,
-        nargs="?",
-        const=Path("-"),
-        help="JSON to FILE, or to stdout without FILE",
+        metavar="FILE",
+        help="write the results as JSON to FILE (- for stdout, instead of the table)",
     )
     d.set_defaults(func=cmd_detect)
 
@@ -424,7 +452,9 @@ def parser() -> argparse.ArgumentParser:
         help="station config (default /etc/edge-inspect/config.toml)",
     )
     rec.add_argument("--ng", action="store_true", help="NG verdicts only")
-    rec.add_argument("--limit", type=int, default=20, help="how many to list (default 20)")
+    rec.add_argument(
+        "--limit", type=_positive(int), default=20, help="how many to list (default 20)"
+    )
     rec.add_argument("--csv", type=Path, help="export all records to this CSV file (- for stdout)")
     rec.set_defaults(func=cmd_records)
 
@@ -439,8 +469,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--port", type=int, help="broker port (default 1883, or the config's)")
     w.add_argument("--prefix", help="topic prefix (default edge-inspect/station, or the config's)")
     w.add_argument("--json", action="store_true", help="one JSON object per message")
-    w.add_argument("--count", type=int, metavar="N", help="exit after N verdicts")
-    w.add_argument("--seconds", type=float, metavar="S", help="exit after S seconds")
+    w.add_argument("--count", type=_positive(int), metavar="N", help="exit after N verdicts")
+    w.add_argument("--seconds", type=_positive(float), metavar="S", help="exit after S seconds")
     w.set_defaults(func=cmd_watch)
     return p
 
@@ -478,9 +508,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"edge-inspect: {exc}", file=sys.stderr)
         return EX_NOINPUT
+    except BrokenPipeError:  # `edge-inspect records | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         print(f"edge-inspect: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EX_CANTCREAT
+    except KeyboardInterrupt:  # nothing half-written is left: outputs are written atomically
+        print("\nedge-inspect: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

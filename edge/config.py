@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -16,7 +23,7 @@ else:  # pragma: no cover
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class StationConfig(_Section):
@@ -160,10 +167,14 @@ class MqttConfig(_Section):
             raise ValueError("a password needs a username")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must not be less than reconnect_min_s")
-        for part in self.prefix.split("/"):
-            if part in ("+", "#") or "+" in part or "#" in part:
-                raise ValueError(f"prefix {self.prefix!r} must not hold wildcards")
         return self
+
+    @field_validator("prefix")
+    @classmethod
+    def _no_wildcards(cls, prefix: str) -> str:
+        if "+" in prefix or "#" in prefix:
+            raise ValueError(f"prefix {prefix!r} must not hold wildcards")
+        return prefix
 
     def password(self) -> str | None:
         """Read the password from its file or systemd credential; None when there is none."""

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from edge.detection import Detection
-from edge.files import write_atomically
+from edge.files import staged_folder, write_atomically
 from edge.images import ImageError, list_images, read_image
 from edge.metrics import summarize
 from edge.model import Model
@@ -34,8 +34,9 @@ class ImageResult:
 
     @property
     def overlay_name(self) -> str:
-        """Its overlay's file name in the report's overlays/ folder."""
-        return f"{self.label}-{self.path.stem}.png"
+        """Its overlay's file name in the report's overlays/ folder (part.jpg and part.png
+        in one folder each get their own)."""
+        return f"{self.label}-{self.path.name}.png"
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -72,6 +73,8 @@ def score_folder(
         (p, label) for folder, label in groups if _has_entries(folder) for p in list_images(folder)
     ]
     if not todo:
+        if not data.is_dir():
+            raise ImageError(f"test folder {data} does not exist")
         raise ImageError(f"folder {data} has neither normal/ nor anomaly/ images to evaluate")
     results = []
     for i, (path, label) in enumerate(todo):
@@ -104,17 +107,37 @@ def metrics_of(model: Model, results: list[ImageResult]) -> dict[str, object]:
 
 
 def write_outputs(
-    model: Model, results: list[ImageResult], metrics: dict[str, object], out: Path
+    model: Model,
+    results: list[ImageResult],
+    metrics: dict[str, object],
+    out: Path,
+    json_file: Path | None = None,
 ) -> Path:
-    """Write overlays/*.png, scores.csv, results.json and report.html under out; return report."""
+    """Write overlays/*.png, scores.csv, results.json and report.html under out (and the
+    metrics and results to json_file); return the report's path.
+
+    All or nothing: they replace the previous ones only once everything is written, so a
+    failed or interrupted run leaves the previous report as it was.
+    """
+    with staged_folder(out) as stage:
+        _write_report_files(model, results, metrics, stage)
+        if json_file is not None:
+            write_atomically(json_file, to_json(metrics, results))
+    return out / "report.html"
+
+
+def _write_report_files(
+    model: Model, results: list[ImageResult], metrics: dict[str, object], out: Path
+) -> None:
     overlays = out / "overlays"
-    overlays.mkdir(parents=True, exist_ok=True)
+    overlays.mkdir()
     rows = []
     for r in results:
         overlay = draw_preview(read_image(r.path), r.detection, REPORT_SIDE)
         ok, png = cv2.imencode(".png", overlay)
-        if ok:
-            (overlays / r.overlay_name).write_bytes(png.tobytes())
+        if not ok:
+            raise ImageError(f"the overlay of {r.path} cannot be encoded as PNG")
+        (overlays / r.overlay_name).write_bytes(png.tobytes())
         rows.append(
             {
                 "name": r.path.name,
@@ -143,9 +166,8 @@ def write_outputs(
         )
     write_atomically(out / "scores.csv", buf.getvalue())
     write_atomically(out / "results.json", to_json(metrics, results))
-    report = out / "report.html"
-    write_report(report, f"Evaluation of {model.path.name} ({model.id})", metrics, rows)
-    return report
+    title = f"Evaluation of {model.path.name} ({model.id})"
+    write_report(out / "report.html", title, metrics, rows)
 
 
 def to_json(metrics: dict[str, object], results: list[ImageResult]) -> str:

@@ -119,12 +119,65 @@ def _check_size(width: int, height: int, name: str, max_pixels: int) -> None:
 
 
 def _check_header(data: bytes, name: str) -> tuple[int, int] | None:
-    """Return (width, height) from a PNG or JPEG header, None for other formats."""
-    if data.startswith(_PNG_SIGNATURE):
-        return _png_size(data, name)
-    if data.startswith(_JPEG_SOI):
-        return _jpeg_size(data, name)
+    """Return (width, height) from the file's header, so that a small file that would decode
+    to gigabytes (a 450 kB WebP of 16000x16000, say) is refused before it is decoded; None for
+    formats read without that check (OpenCV's own limit of 2^30 pixels still holds)."""
+    try:
+        if data.startswith(_PNG_SIGNATURE):
+            return _png_size(data, name)
+        if data.startswith(_JPEG_SOI):
+            return _jpeg_size(data, name)
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return _webp_size(data, name)
+        if data[:4] in (b"II*\0", b"MM\0*"):
+            return _tiff_size(data, name)
+        if data[:2] == b"BM":
+            return _bmp_size(data)
+    except struct.error:
+        raise ImageError(f"image {name} is truncated (its header is cut short)") from None
     return None
+
+
+def _webp_size(data: bytes, name: str) -> tuple[int, int]:
+    chunk = data[12:16]
+    if chunk == b"VP8X":  # extended: 24-bit canvas size minus one
+        if len(data) < 30:
+            raise struct.error
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    if chunk == b"VP8L":  # lossless: 14-bit sizes minus one, after the 0x2f signature
+        (bits,) = struct.unpack_from("<I", data, 21)
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 ":  # lossy: 14-bit sizes after the key frame's start code
+        w, h = struct.unpack_from("<HH", data, 26)
+        return w & 0x3FFF, h & 0x3FFF
+    raise ImageError(f"image {name} is not a valid WebP file (unknown chunk {chunk!r})")
+
+
+def _tiff_size(data: bytes, name: str) -> tuple[int, int]:
+    """The first page's size (the one OpenCV reads): ImageWidth (256), ImageLength (257)."""
+    order = "<" if data[:2] == b"II" else ">"
+    (ifd,) = struct.unpack_from(order + "I", data, 4)
+    (count,) = struct.unpack_from(order + "H", data, ifd)
+    size: dict[int, int] = {}
+    for k in range(count):
+        entry = ifd + 2 + 12 * k
+        tag, kind = struct.unpack_from(order + "HH", data, entry)
+        if tag in (256, 257) and kind in (3, 4):  # SHORT or LONG
+            size[tag] = struct.unpack_from(order + ("H" if kind == 3 else "I"), data, entry + 8)[0]
+    if len(size) != 2:
+        raise ImageError(f"image {name} is not a valid TIFF file (no image size)")
+    return size[256], size[257]
+
+
+def _bmp_size(data: bytes) -> tuple[int, int] | None:
+    (header,) = struct.unpack_from("<I", data, 14)
+    if header == 12:  # the old OS/2 header: 16-bit sizes
+        w, h = struct.unpack_from("<HH", data, 18)
+        return w, h
+    if header not in (40, 52, 56, 64, 108, 124):
+        return None  # not a bitmap header OpenCV knows: it will say the file is unreadable
+    w, h = struct.unpack_from("<ii", data, 18)
+    return abs(w), abs(h)  # a negative height is a top-down bitmap
 
 
 def _png_size(data: bytes, name: str) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TextIO
+from typing import IO
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ class Journal:
             )
         return int(cur.rowcount)
 
-    def export_csv(self, out: TextIO, since: float | None = None, ng_only: bool = False) -> int:
+    def export_csv(self, out: IO[str], since: float | None = None, ng_only: bool = False) -> int:
         """Write a header and one row per record, oldest first, and return the number of rows.
 
         `since` keeps records captured at or after that time.time(). Columns are the Record's

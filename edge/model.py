@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
@@ -76,20 +77,49 @@ class ModelMeta:
                 f"model {source} has format {meta.format_version}; "
                 f"this edge-inspect reads format {FORMAT_VERSION}"
             )
+        meta._check(source)
         return meta
+
+    def _check(self, source: str) -> None:
+        """The values the program computes with must make sense (a hand-edited file, say)."""
+
+        def bad(name: str) -> ModelError:
+            return ModelError(f"model {source} has a bad {name} value {getattr(self, name)!r}")
+
+        if not math.isfinite(self.threshold):
+            raise bad("threshold")
+        try:
+            hw = self.image_hw
+        except ValueError:
+            raise bad("image_size") from None
+        if hw is not None and min(hw) < 1:
+            raise bad("image_size")
+        try:
+            roi = self.roi_box
+        except ValueError:
+            raise bad("roi") from None
+        if roi is not None:
+            x, y, w, h = roi
+            if x < 0 or y < 0 or w < 1 or h < 1:
+                raise bad("roi")
+            if hw is not None and (x + w > hw[1] or y + h > hw[0]):
+                raise ModelError(
+                    f"model {source} has a region of interest {self.roi} outside its "
+                    f"{self.image_size} images"
+                )
 
     @property
     def image_hw(self) -> tuple[int, int] | None:
         if self.image_size == "any":
             return None
-        w, h = self.image_size.split("x")
+        w, h = self.image_size.split("x")  # ValueError unless "WxH"
         return int(h), int(w)
 
     @property
     def roi_box(self) -> tuple[int, int, int, int] | None:
         if not self.roi:
             return None
-        x, y, w, h = (int(v) for v in self.roi.split(","))
+        x, y, w, h = (int(v) for v in self.roi.split(","))  # ValueError unless 4 integers
         return x, y, w, h
 
 
@@ -160,9 +190,13 @@ class Model:
         if roi is not None:
             h, w = max(h, roi[1] + roi[3]), max(w, roi[0] + roi[2])
         try:
-            self.run(np.full((h, w, 3), 128, np.uint8))
+            _, amap = self.run(np.full((h, w, 3), 128, np.uint8))
         except Exception as exc:
             raise ModelError(f"model {self.path} fails on a test frame: {exc}") from None
+        if amap.ndim != 2 or amap.size == 0:
+            raise ModelError(
+                f"model {self.path} gives an anomaly map of shape {amap.shape}, not a 2-D map"
+            )
 
     @property
     def threshold(self) -> float:

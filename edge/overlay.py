@@ -10,7 +10,8 @@ import numpy as np
 from edge.detection import Detection
 
 # Colours are fixed relative to the threshold so any two pictures compare:
-# 0 is cold, the threshold is mid-scale and HOT_AT times the threshold is hottest.
+# 0 is cold, the threshold is mid-scale and HOT_AT times the threshold is hottest. (A threshold
+# at or below 0, which labelled defects can set, measures from threshold - 1 instead of 0.)
 HOT_AT = 2.0
 # Below SHOW_FROM x threshold the image is left untouched so good areas stay readable;
 # opacity then ramps up to OPACITY at the threshold.
@@ -40,17 +41,19 @@ def draw_overlay(image_bgr: np.ndarray, detection: Detection) -> np.ndarray:
         raise ValueError(
             f"region of interest {detection.roi} is not inside the {width}x{height} image"
         )
-    if not detection.threshold > 0:
-        raise ValueError(f"draw_overlay needs a positive threshold, got {detection.threshold}")
+    if not np.isfinite(detection.threshold):
+        raise ValueError(f"draw_overlay needs a finite threshold, got {detection.threshold}")
     if detection.anomaly_map.ndim != 2 or detection.anomaly_map.size == 0:
         raise ValueError(
             f"the anomaly map must be a non-empty 2-D array, got {detection.anomaly_map.shape}"
         )
 
     picture = image_bgr.copy()
-    ratio = cv2.resize(
+    cold = 0.0 if detection.threshold > 0 else detection.threshold - 1.0
+    amap = cv2.resize(
         detection.anomaly_map.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR
-    ) / np.float32(detection.threshold)
+    )
+    ratio = (amap - np.float32(cold)) / np.float32(detection.threshold - cold)
     ratio = np.nan_to_num(ratio, nan=0.0, posinf=HOT_AT, neginf=0.0)
     level = np.clip(ratio * (255 / HOT_AT), 0, 255).astype(np.uint8)
     heat = cv2.applyColorMap(level, cv2.COLORMAP_TURBO).astype(np.float32)

@@ -35,6 +35,7 @@ BANK_MAX = 1536  # bounds inference time: one [patches x bank] matrix product pe
 # held out for calibration. Twenty images at the default size stay well under both.
 PATCH_BUDGET = 200_000
 CALIBRATION_VIEWS = 200
+MAX_THREADS = 64
 
 Progress = Callable[[str, int, int], None]
 
@@ -90,7 +91,9 @@ class _Checks:
             self.first = (path, hw)
             if self.roi is not None:
                 x, y, w, h = self.roi
-                if x < 0 or y < 0 or w < 16 or h < 16 or x + w > hw[1] or y + h > hw[0]:
+                if w < 16 or h < 16:
+                    raise TrainError(f"ROI {self.roi} is smaller than 16x16 pixels")
+                if x < 0 or y < 0 or x + w > hw[1] or y + h > hw[0]:
                     raise TrainError(f"ROI {self.roi} does not fit in the {hw[1]}x{hw[0]} images")
         elif hw != self.first[1]:
             if self.roi is not None:
@@ -217,8 +220,16 @@ def train(
     41.7
     """
     start = time.monotonic()
+    if output.suffix.lower() != ".onnx":
+        raise TrainError(f"model file name {output} must end in .onnx")
+    if output.exists() and not output.is_file():  # found now, not after minutes of training
+        raise TrainError(f"model file {output} exists and is not a file")
     if not 0 < opts.false_reject_rate < 0.5:
-        raise TrainError(f"false-reject rate {opts.false_reject_rate} must be between 0 and 0.5")
+        raise TrainError(
+            f"false-reject rate {100 * opts.false_reject_rate:g} % must be between 0 and 50 %"
+        )
+    if not 0 <= opts.threads <= MAX_THREADS:
+        raise TrainError(f"threads {opts.threads} must be between 0 (all cores) and {MAX_THREADS}")
     if opts.size % 16 or not 64 <= opts.size <= 1024:
         raise TrainError(f"input size {opts.size} must be a multiple of 16 between 64 and 1024")
     if opts.augment < 0:
@@ -232,6 +243,8 @@ def train(
             "shift and rotation act on the augmented copies; they need augment above 0"
         )
     normal_dir, anomaly_dir = data / "normal", data / "anomaly"
+    if data.is_file():
+        raise TrainError(f"training folder {data} is a file; give the folder that holds normal/")
     if not data.is_dir():
         raise TrainError(f"training folder {data} does not exist")
     if not normal_dir.is_dir():

@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from edge.cli import EX_DATAERR, EX_NOINPUT
+from edge.cli import EX_CANTCREAT, EX_DATAERR, EX_NOINPUT
 from edge.images import list_images
 
 
@@ -64,7 +64,7 @@ def test_detect_reports_verdict_area_and_boxes(
 ) -> None:
     bad = list_images(parts / "test" / "anomaly")[0]
     good = list_images(parts / "test" / "normal")[0]
-    r = run("detect", parts_model, bad, good, "--json", "--overlays", tmp_path / "ov")
+    r = run("detect", parts_model, bad, good, "--json", "-", "--overlays", tmp_path / "ov")
     assert r.returncode == 0, r.stderr
     images = json.loads(r.stdout)["images"]
     assert [i["verdict"] for i in images] == ["ng", "ok"]
@@ -87,6 +87,7 @@ def test_detect_takes_folders_and_keeps_every_overlay(
         parts / "test" / "anomaly",
         other,
         "--json",
+        "-",
         "--overlays",
         tmp_path / "ov",
     )
@@ -174,8 +175,49 @@ def test_model_that_is_not_ours_is_refused(tmp_path: Path, parts: Path) -> None:
 def test_bad_roi_is_a_usage_error(tmp_path: Path, textures: Path) -> None:
     r = run("train", textures / "train", "-o", tmp_path / "m.onnx", "--roi", "1,2,3")
     assert r.returncode == 2 and "x,y,w,h" in r.stderr
-    r = run("train", textures / "train", "-o", tmp_path / "m.onnx", "--roi", "0,0,5000,10")
+    r = run("train", textures / "train", "-o", tmp_path / "m.onnx", "--roi", "0,0,5000,100")
     assert r.returncode == EX_DATAERR and "does not fit" in r.stderr
+    r = run("train", textures / "train", "-o", tmp_path / "m.onnx", "--roi", "0,0,10,10")
+    assert r.returncode == EX_DATAERR and "smaller than 16x16 pixels" in r.stderr
+
+
+def test_train_writes_only_a_model_file(tmp_path: Path, textures: Path) -> None:
+    # A slip of the keyboard must not replace a training image, a folder or a device.
+    image = list_images(textures / "train" / "normal")[0]
+    before = image.read_bytes()
+    r = run("train", textures / "train", "-o", image)
+    assert r.returncode == EX_DATAERR and "must end in .onnx" in r.stderr
+    assert image.read_bytes() == before
+    (tmp_path / "dir.onnx").mkdir()
+    r = run("train", textures / "train", "-o", tmp_path / "dir.onnx")
+    assert r.returncode == EX_DATAERR and "dir.onnx exists and is not a file" in r.stderr
+    r = run("train", image, "-o", tmp_path / "m.onnx")
+    assert r.returncode == EX_DATAERR and "is a file; give the folder" in r.stderr
+
+
+def test_a_failed_evaluation_leaves_no_partial_report(
+    tmp_path: Path, parts: Path, parts_model: Path
+) -> None:
+    report, js = tmp_path / "report", tmp_path / "metrics.json"
+    js.mkdir()  # the JSON file cannot be written: found after every overlay was drawn
+    r = run("evaluate", parts_model, parts / "test", "--report", report, "--json", js)
+    assert r.returncode == EX_CANTCREAT
+    assert r.stderr.splitlines()[-1] == f"edge-inspect: cannot write {js}: it is a folder"
+    assert list(report.iterdir()) == []  # no overlays, no scores, no staging folder
+
+
+def test_output_cut_short_by_the_reader_ends_quietly(parts_model: Path) -> None:
+    # `edge-inspect info model.onnx | head -1`: no traceback, no "cannot write" message.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge.cli", "info", str(parts_model)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command has started writing
+    assert proc.wait(timeout=60) == 141
+    assert proc.stderr.read() == ""
 
 
 def test_turned_copies_are_asked_for_on_the_command_line(tmp_path: Path, textures: Path) -> None:

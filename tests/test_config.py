@@ -43,7 +43,7 @@ def test_a_minimal_config_is_valid_and_defaults_are_safe() -> None:
         (GOOD + "[mqtt]\nport = 70000\n", "mqtt.port: Input should be less than or equal to 65535"),
         (
             GOOD + "[mqtt]\nprefix = 'line/+/st'\n",
-            "mqtt: prefix 'line/+/st' must not hold wildcards",
+            "mqtt.prefix: prefix 'line/+/st' must not hold wildcards",
         ),
         (GOOD + "[mqtt]\npassword_file = '/p'\n", "mqtt: a password needs a username"),
         (

@@ -246,6 +246,55 @@ def test_jpeg_size_is_checked_before_decoding() -> None:
         decode_image(bomb, "bomb.jpg")
 
 
+def _claim_size(data: bytes, width: int, height: int) -> bytes:
+    """The file with only its header's image size changed, its pixels left as they are."""
+    b = bytearray(data)
+    if data[:4] == b"RIFF" and data[12:16] == b"VP8L":
+        old = struct.unpack_from("<I", b, 21)[0] & ~0xFFFFFFF
+        struct.pack_into("<I", b, 21, old | (width - 1) | (height - 1) << 14)
+    elif data[:4] == b"RIFF" and data[12:16] == b"VP8 ":
+        struct.pack_into("<HH", b, 26, width, height)
+    elif data[:4] == b"II*\0":
+        (ifd,) = struct.unpack_from("<I", b, 4)
+        for k in range(struct.unpack_from("<H", b, ifd)[0]):
+            tag, kind = struct.unpack_from("<HH", b, ifd + 2 + 12 * k)
+            if tag in (256, 257):
+                fmt = "<H" if kind == 3 else "<I"
+                struct.pack_into(fmt, b, ifd + 10 + 12 * k, width if tag == 256 else height)
+    elif data[:2] == b"BM":
+        struct.pack_into("<ii", b, 18, width, height)
+    return bytes(b)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "params"),
+    [
+        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 90]),
+        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101]),
+        (".tif", []),
+        (".bmp", []),
+    ],
+    ids=["webp-lossy", "webp-lossless", "tiff", "bmp"],
+)
+def test_other_formats_are_sized_from_their_header_before_decoding(
+    suffix: str, params: list[int]
+) -> None:
+    # A 16000x16000 WebP is a few hundred kB and decodes to 768 MB: more than a Pi can spare.
+    _, buf = cv2.imencode(suffix, textured_image(64, 64), params)
+    data = buf.tobytes()
+    assert decode_image(data, f"part{suffix}").shape == (64, 64, 3)
+    bomb = _claim_size(data, 16000, 16000)
+    with pytest.raises(ImageError, match=rf"bomb{suffix} is 16000x16000 pixels, more than"):
+        decode_image(bomb, f"bomb{suffix}")
+
+
+def test_extended_webp_is_sized_from_its_header() -> None:
+    header = b"RIFF\0\0\0\0WEBPVP8X\x0a\0\0\0\x10\0\0\0"
+    bomb = header + (16000 - 1).to_bytes(3, "little") + (9000 - 1).to_bytes(3, "little")
+    with pytest.raises(ImageError, match=r"is 16000x9000 pixels, more than"):
+        decode_image(bomb + b"\0" * 64, "bomb.webp")
+
+
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".webp"])
 def test_pixel_limit_can_be_lowered(tmp_path: Path, suffix: str) -> None:
     path = write(tmp_path / f"part{suffix}", part_image())  # 80 x 64 = 5120 pixels

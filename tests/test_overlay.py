@@ -163,9 +163,28 @@ def test_refuses_what_it_cannot_draw(image: np.ndarray, message: str) -> None:
         draw_overlay(image, detection(hot_corner_map()))
 
 
-def test_refuses_a_threshold_that_is_not_positive() -> None:
-    det = Detection(score=0.0, threshold=0.0, anomaly_map=np.zeros((4, 4)), roi=ROI, area=0.0)
-    with pytest.raises(ValueError, match="positive threshold"):
+@pytest.mark.parametrize("threshold", [0.0, -0.26])
+def test_a_threshold_at_or_below_zero_still_draws(threshold: float) -> None:
+    # Labelled defects can set such a threshold (scores are standardised distances).
+    anomaly_map = hot_corner_map() - 1.0 + threshold  # cells at threshold - 0.8, patch 2 above
+    det = Detection(
+        score=float(anomaly_map.max()),
+        threshold=threshold,
+        anomaly_map=anomaly_map,
+        roi=ROI,
+        area=float((anomaly_map > threshold).mean()),
+    )
+    _, body = split(draw_overlay(part_image(), det))
+    x, y, w, h = ROI
+    blue, green, red = body[y + 37, x + 37].astype(int)
+    assert red > blue + 60 and red > green + 40
+    far = (slice(y + 120, y + h - 3), slice(x + 120, x + w - 3))
+    np.testing.assert_array_equal(body[far], part_image()[far])
+
+
+def test_refuses_a_threshold_that_is_not_finite() -> None:
+    det = Detection(score=0.0, threshold=np.nan, anomaly_map=np.zeros((4, 4)), roi=ROI, area=0.0)
+    with pytest.raises(ValueError, match="finite threshold"):
         draw_overlay(part_image(), det)
 
 

@@ -374,3 +374,29 @@ def test_model_files_from_before_the_rotation_option_still_load(
     meta = read_meta(old)
     assert (meta.shift, meta.rotate_deg) == (0.03, 0.0)  # what every such file was made with
     assert Model(old).threshold == read_meta(parts_model).threshold
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("image_size", "foo", "bad image_size value 'foo'"),
+        ("image_size", "100x", "bad image_size value '100x'"),
+        ("roi", "1,2,3", "bad roi value '1,2,3'"),
+        ("roi", "-10,-10,100,100", "bad roi value"),
+        ("roi", "500,300,100,100", "region of interest 500,300,100,100 outside its"),
+        ("threshold", "nan", "bad threshold value nan"),
+        ("threshold", "-inf", "bad threshold value -inf"),
+    ],
+)
+def test_hand_edited_metadata_is_refused_with_the_key_named(
+    tmp_path: Path, parts_model: Path, key: str, value: str, message: str
+) -> None:
+    proto = onnx.load(str(parts_model))
+    (prop,) = [p for p in proto.metadata_props if p.key == f"edge_inspect.{key}"]
+    prop.value = value
+    edited = tmp_path / "edited.onnx"
+    onnx.save(proto, str(edited))
+    with pytest.raises(ModelError, match=message):
+        read_meta(edited)
+    with pytest.raises(ModelError, match=message):
+        Model(edited)
