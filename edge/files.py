@@ -14,7 +14,8 @@ from typing import IO, Any
 
 @contextmanager
 def open_atomically(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """A text file to write that appears at `path` only when the block ends without an error.
+    """A file to write (text, or bytes with mode "wb") that appears at `path` only when the
+    block ends without an error.
 
     Readers see the old file or the new one, never half of one; a failure (or Ctrl-C) leaves
     no temporary file behind. Errors name `path`, not the temporary file. The file is made
