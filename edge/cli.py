@@ -167,13 +167,19 @@ def cmd_detect(args: argparse.Namespace) -> int:
     paths = [p for arg in args.images for p in (list_images(arg) if arg.is_dir() else [arg])]
     args.overlays.mkdir(parents=True, exist_ok=True)
     out = []
+    failed: list[dict[str, str]] = []  # one unreadable photo does not end a trial run
     names: set[str] = set()
     for path in paths:
-        image = read_image(path)
         try:
-            detection = model.detect(image)
-        except ValueError as exc:
-            raise ImageError(f"image {path}: {exc}") from None
+            image = read_image(path)
+            try:
+                detection = model.detect(image)
+            except ValueError as exc:
+                raise ImageError(f"image {path}: {exc}") from None
+        except ImageError as exc:
+            print(f"edge-inspect: {exc}", file=sys.stderr)
+            failed.append({"file": str(path), "error": str(exc)})
+            continue
         # a/001.jpg and b/001.jpg (or 001.jpg and 001.png) each keep their own overlay
         name = next(
             n for k in itertools.count() if (n := path.stem + (f"-{k}" if k else "")) not in names
@@ -193,12 +199,14 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 f"area {100 * detection.area:5.1f} %  {path}  {boxes}"
             )
     if args.json:
-        doc = json.dumps({"model_id": model.id, "images": out}, indent=2)
+        doc = json.dumps({"model_id": model.id, "images": out, "failed": failed}, indent=2)
         if str(args.json) == "-":
             print(doc)
         else:
             write_atomically(args.json, doc + "\n")
-    return 0
+    if not failed:
+        return 0
+    return EX_NOINPUT if all("does not exist" in f["error"] for f in failed) else EX_DATAERR
 
 
 def cmd_info(args: argparse.Namespace) -> int:

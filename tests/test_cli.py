@@ -104,6 +104,23 @@ def test_detect_takes_folders_and_keeps_every_overlay(
     assert r.returncode == EX_NOINPUT and "does not exist" in r.stderr
 
 
+def test_detect_goes_on_past_an_unreadable_image_and_says_which(
+    tmp_path: Path, parts: Path, parts_model: Path
+) -> None:
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    good = list_images(parts / "test" / "normal")[0]
+    r = run("detect", parts_model, bad, good, "--json", "-", "--overlays", tmp_path / "ov")
+    assert r.returncode == EX_DATAERR
+    assert r.stderr.strip() == f"edge-inspect: image {bad} is not a readable image file"
+    doc = json.loads(r.stdout)
+    assert [i["verdict"] for i in doc["images"]] == ["ok"]
+    assert doc["failed"] == [
+        {"file": str(bad), "error": f"image {bad} is not a readable image file"}
+    ]
+    assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == [f"{good.stem}.png"]
+
+
 def test_info_prints_the_contract(parts_model: Path) -> None:
     r = run("info", parts_model, "--json")
     assert r.returncode == 0, r.stderr
