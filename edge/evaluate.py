@@ -119,16 +119,18 @@ def write_outputs(
     All or nothing: they replace the previous ones only once everything is written, so a
     failed or interrupted run leaves the previous report as it was.
     """
+    doc = to_json(metrics, results)
     with staged_folder(out) as stage:
-        _write_report_files(model, results, metrics, stage)
+        _write_report_files(model, results, metrics, doc, stage)
         if json_file is not None:
-            write_atomically(json_file, to_json(metrics, results))
+            write_atomically(json_file, doc)
     return out / "report.html"
 
 
 def _write_report_files(
-    model: Model, results: list[ImageResult], metrics: dict[str, object], out: Path
+    model: Model, results: list[ImageResult], metrics: dict[str, object], doc: str, out: Path
 ) -> None:
+    """The report folder's files; `doc` is to_json() of the metrics and results."""
     overlays = out / "overlays"
     overlays.mkdir()
     rows = []
@@ -165,7 +167,7 @@ def _write_report_files(
             ]
         )
     write_atomically(out / "scores.csv", buf.getvalue())
-    write_atomically(out / "results.json", to_json(metrics, results))
+    write_atomically(out / "results.json", doc)
     title = f"Evaluation of {model.path.name} ({model.id})"
     write_report(out / "report.html", title, metrics, rows)
 
