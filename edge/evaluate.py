@@ -16,7 +16,7 @@ import numpy as np
 
 from edge.detection import Detection
 from edge.files import staged_folder, write_atomically
-from edge.images import ImageError, list_images, read_image
+from edge.images import ImageError, has_entries, list_images, read_image
 from edge.metrics import summarize
 from edge.model import Model
 from edge.overlay import draw_preview
@@ -57,10 +57,6 @@ def json_metrics(metrics: dict[str, object]) -> dict[str, object]:
 REPORT_SIDE = 1600
 
 
-def _has_entries(folder: Path) -> bool:
-    return folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir())
-
-
 def score_folder(
     model: Model, data: Path, progress: Callable[[int, int], None] | None = None
 ) -> list[ImageResult]:
@@ -70,7 +66,7 @@ def score_folder(
     # defects yet. One holding files but no images (defects sorted into subfolders, say) is
     # refused rather than silently left out.
     todo = [
-        (p, label) for folder, label in groups if _has_entries(folder) for p in list_images(folder)
+        (p, label) for folder, label in groups if has_entries(folder) for p in list_images(folder)
     ]
     if not todo:
         if not data.is_dir():

@@ -44,6 +44,15 @@ def list_images(folder: Path) -> list[Path]:
     return images
 
 
+def has_entries(folder: Path) -> bool:
+    """True if `folder` exists and holds anything but hidden files (a Mac's .DS_Store, say).
+
+    Optional folders such as anomaly/ are read when this is true, so one that holds files but
+    no images is refused by list_images() rather than silently left out.
+    """
+    return folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir())
+
+
 def has_images(folder: Path) -> bool:
     """True if `folder` exists and holds at least one image file."""
     return folder.is_dir() and any(

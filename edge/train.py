@@ -21,7 +21,7 @@ import onnxruntime as ort
 from edge import __version__, graph
 from edge.assets import backbone_path
 from edge.files import write_atomically
-from edge.images import list_images, pixel_hash, read_image
+from edge.images import has_entries, list_images, pixel_hash, read_image
 from edge.metrics import best_threshold
 from edge.model import FORMAT_VERSION, ModelMeta, session_options
 
@@ -256,7 +256,7 @@ def train(
             f"training needs at least {MIN_NORMAL} good ones"
         )
     anomaly_paths: list[Path] = []
-    if anomaly_dir.is_dir() and any(anomaly_dir.iterdir()):
+    if has_entries(anomaly_dir):
         anomaly_paths = list_images(anomaly_dir)
     checks = _Checks(opts.roi)
 

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from edge import graph
 from edge.assets import backbone_path
-from edge.images import list_images, read_image
+from edge.images import ImageError, list_images, read_image
 from edge.model import Model, ModelError, read_meta
 from edge.train import TrainError, TrainOptions, coreset, position_stats, train
 
@@ -199,6 +199,22 @@ def test_grayscale_images_train_a_model(tmp_path: Path, textures: Path) -> None:
         cv2.imwrite(str(data / p.name), cv2.cvtColor(read_image(p), cv2.COLOR_BGR2GRAY))
     result = train(data.parent, tmp_path / "grey.onnx")
     assert result.meta.train_normal_count == len(list_images(data))
+
+
+def test_anomaly_folder_with_only_hidden_files_is_as_if_empty(
+    tmp_path: Path, textures: Path
+) -> None:
+    """A folder copied from a Mac holds a .DS_Store; it must not turn into 'holds no images'."""
+    data = tmp_path / "data"
+    (data / "anomaly").mkdir(parents=True)
+    (data / "normal").symlink_to(textures / "train" / "normal")
+    (data / "anomaly" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    result = train(data, tmp_path / "m.onnx")
+    assert result.meta.train_anomaly_count == 0
+    (data / "anomaly" / "notes.txt").write_text("cracked ones are in the blue box")
+    with pytest.raises(ImageError, match=r"anomaly holds no images"):
+        train(data, tmp_path / "m2.onnx")
+    assert not (tmp_path / "m2.onnx").exists()
 
 
 def test_mixed_sizes_make_a_model_that_takes_any_size(tmp_path: Path, textures: Path) -> None:
