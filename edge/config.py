@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -217,9 +218,6 @@ class StorageConfig(_Section):
     )
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-
-
 class WebConfig(_Section):
     enabled: bool = Field(False, description="Serve the station page")
     host: str = Field(
@@ -262,8 +260,17 @@ class WebConfig(_Section):
 
 
 def is_loopback(host: str) -> bool:
-    """True for an address or name of this machine only: 127.x.y.z, ::1, localhost."""
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    """True for an address or name of this machine only: 127.x.y.z, ::1, localhost.
+
+    Only literal addresses count: a name such as 127.0.0.1.example.com is a name anyone can
+    point at 127.0.0.1 (DNS rebinding), so it is not this machine.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Config(_Section):

@@ -11,6 +11,8 @@ import json
 import logging
 import socket
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
@@ -21,6 +23,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 log = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 64 * 1024
+MAX_CONNECTIONS = 64  # open page connections at once; more are closed as they come
+MAX_CLIENT_CONNECTIONS = 16  # ... and from one address (a browser opens about 6)
 DEFAULT_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
@@ -68,7 +72,7 @@ class Request:
         raw = self.read_body(MAX_JSON_BYTES)
         try:
             doc = json.loads(raw or b"{}")
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise HttpError(400, "the request body is not JSON") from None
         if not isinstance(doc, dict):
             raise HttpError(400, "the request body must be a JSON object")
@@ -96,8 +100,57 @@ def serve(host: str, port: int, handle: Callable[[Request], Reply]) -> Server:
 
 
 class Server(ThreadingHTTPServer):
+    """Caps open connections, in all and per client address: a client that holds many open
+    (sending a header line now and then) would otherwise use up the process's file
+    descriptors, and with them the camera's and the journal's."""
+
     daemon_threads = True  # a slow client does not hold up the station's exit
     answer: Callable[[Request], Reply]  # the application
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._lock = threading.Lock()
+        self._open: Counter[str] = Counter()
+        self._refused_at = 0.0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        who = client_address[0]
+        with self._lock:
+            full = (
+                self._open.total() >= MAX_CONNECTIONS or self._open[who] >= MAX_CLIENT_CONNECTIONS
+            )
+            if not full:
+                self._open[who] += 1
+        if full:
+            if time.monotonic() - self._refused_at > 60:
+                self._refused_at = time.monotonic()
+                log.warning("page: too many open connections; %s was refused", who)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._closed(who)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._closed(client_address[0])
+
+    def _closed(self, who: str) -> None:
+        with self._lock:
+            self._open[who] -= 1
+            if self._open[who] <= 0:
+                del self._open[who]
+
+    def get_request(self) -> tuple[Any, Any]:
+        try:
+            return super().get_request()
+        except OSError:
+            time.sleep(0.1)  # out of file descriptors, say: wait rather than spin on accept
+            raise
 
 
 class _Server6(Server):
@@ -145,7 +198,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             size = int(length)
         except ValueError:
-            raise HttpError(400, "Content-Length is not a number") from None
+            size = -1
+        if size < 0:
+            self.close_connection = True
+            raise HttpError(400, "Content-Length is not a number of bytes")
         if size > limit:
             self.close_connection = True  # the unread body must not be taken as a request
             raise HttpError(

@@ -138,6 +138,8 @@ class FolderReplay:
                 self._images = list_images(path)
             except ImageError as exc:
                 raise SourceError(str(exc)) from None
+            except OSError as exc:  # no permission, or out of file descriptors
+                raise SourceError(f"folder {path} cannot be listed: {exc.strerror}") from None
             self._count = len(self._images)
         self._t0, self._next, self.dropped = time.monotonic(), 0, 0
         logger.info("%s: replaying at %g frames/s", self.name, self.cfg.fps)

@@ -7,6 +7,7 @@ start after the call, skipped frames are counted), not the speed of this machine
 from __future__ import annotations
 
 import itertools
+import subprocess
 import sys
 import threading
 import time
@@ -164,6 +165,35 @@ def test_empty_or_missing_folder_is_named_at_open(tmp_path: Path, make: str) -> 
     source = open_source(folder(path))
     with pytest.raises(SourceError, match=str(path)):
         source.open()
+
+
+def test_a_folder_that_cannot_be_listed_is_a_source_error(tmp_path: Path) -> None:
+    """Out of file descriptors (a flood of page connections did it once), listing the folder
+    fails; the station must see a camera fault it retries, not an error that ends it."""
+    write_images(tmp_path / "cam", 2)
+    script = f"""
+import os, resource
+from pathlib import Path
+from edge.config import FolderSource
+from edge.sources import FolderReplay, SourceError
+source = FolderReplay(FolderSource(kind="folder", path=Path({str(tmp_path / "cam")!r})))
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+try:
+    source.open()
+except SourceError as exc:
+    print(exc)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"folder {tmp_path / 'cam'} cannot be listed: Too many open files"
 
 
 def test_an_unreadable_image_is_a_source_error_and_replay_goes_on(

@@ -382,14 +382,62 @@ def test_changes_need_the_csrf_token_and_the_same_site(start_page: StartPage) ->
     assert (status, err["error"]) == (403, "a request from another site was refused")
     status, err = page.post("/api/training/start", **{"Sec-Fetch-Site": "cross-site"})
     assert status == 403
-    # DNS rebinding: a foreign name pointed at 127.0.0.1 gets nothing, not even reads.
-    status, _, body = page.request("GET", "/api/status", headers={"Host": "evil.example:80"})
-    assert status == 403 and b"answers only to localhost" in body
+    # DNS rebinding: a foreign name pointed at 127.0.0.1 gets nothing, not even reads, even
+    # one that looks like a loopback address.
+    for host in ("evil.example:80", "127.0.0.1.evil.example", "127.evil.example:8080"):
+        status, _, body = page.request("GET", "/api/status", headers={"Host": host})
+        assert status == 403 and b"answers only to localhost" in body, host
+    for host in ("127.0.0.1:8080", "127.0.0.2", "[::1]:8080", "localhost"):
+        assert page.request("GET", "/api/status", headers={"Host": host})[0] == 200, host
     assert not (station.cfg.station.state_dir / "dataset").exists()
     status, _, body = page.request("GET", "/api/nothing")
     assert status == 404
     status, _, body = page.request("POST", "/api/status", b"{}", {"X-CSRF-Token": token})
     assert status == 405
+
+
+def _raw(port: int, data: bytes, source: str = "127.0.0.1") -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    conn.sendall(data)
+    return conn
+
+
+def test_bad_bodies_and_connection_floods_are_refused(start_page: StartPage) -> None:
+    _station, page = start_page()
+    page.start()
+    # A negative length would read until the client hangs up, past every body limit.
+    head = (
+        f"POST /api/dataset/capture HTTP/1.1\r\nHost: 127.0.0.1:{page.port}\r\n"
+        f"X-CSRF-Token: {page.csrf}\r\nContent-Length: -1\r\n\r\n"
+    )
+    with _raw(page.port, head.encode() + b"x" * 10_000) as conn:
+        assert conn.recv(200).startswith(b"HTTP/1.0 400")
+    nested = b"[" * 60_000
+    status, _, body = page.request(
+        "POST", "/api/dataset/capture", nested, {"X-CSRF-Token": page.csrf}
+    )
+    assert (status, json.loads(body)["error"]) == (400, "the request body is not JSON")
+    # Connections held open with half a request: one address gets 16 at most, and the page
+    # still answers everyone else; closing them frees the address again.
+    idle = [_raw(page.port, b"GET /api/status HTTP/1.1\r\n") for _ in range(16)]
+    with pytest.raises(ConnectionError):  # the 17th is closed unanswered
+        page.request("GET", "/api/status")
+    with _raw(
+        page.port,
+        f"GET /api/status HTTP/1.0\r\nHost: 127.0.0.1:{page.port}\r\n\r\n".encode(),
+        "127.0.0.2",
+    ) as other:
+        assert other.recv(200).startswith(b"HTTP/1.0 200")
+    for conn in idle:
+        conn.close()
+    wait_until(lambda: _status_or_none(page) == 200, what="the page again")
+
+
+def _status_or_none(page: Page) -> int | None:
+    try:
+        return page.request("GET", "/api/status")[0]
+    except ConnectionError:
+        return None
 
 
 def test_password_login_sessions_and_lockout(start_page: StartPage) -> None:
