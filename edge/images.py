@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+FORMATS = "PNG, JPEG, WebP, TIFF or BMP"  # the formats whose size is checked before decoding
 MAX_PIXELS = 50_000_000
 MAX_BYTES = 100_000_000
 MIN_SIDE = 32
@@ -93,9 +94,7 @@ def decode_image(
     """
     if len(data) > max_bytes:
         raise ImageError(f"image {name} has {len(data)} bytes, more than the limit of {max_bytes}")
-    size = _check_header(data, name)
-    if size is not None:
-        _check_size(size[0], size[1], name, max_pixels)
+    _check_size(*_check_header(data, name), name, max_pixels)
     try:
         # ANYDEPTH keeps 16-bit data 16-bit so it can be refused rather than silently scaled.
         image = cv2.imdecode(
@@ -104,7 +103,7 @@ def decode_image(
     except cv2.error:
         image = None
     if image is None:
-        raise ImageError(f"image {name} is not a readable image file")
+        raise ImageError(_unreadable(name))
     if image.dtype != np.uint8:
         bits = image.dtype.itemsize * 8
         raise ImageError(f"image {name} is {bits}-bit; edge-inspect takes 8-bit images")
@@ -114,6 +113,10 @@ def decode_image(
     if image.shape[2] == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
     return np.ascontiguousarray(image)
+
+
+def _unreadable(name: str) -> str:
+    return f"image {name} is not a readable image file ({FORMATS})"
 
 
 def _check_size(width: int, height: int, name: str, max_pixels: int) -> None:
@@ -127,10 +130,13 @@ def _check_size(width: int, height: int, name: str, max_pixels: int) -> None:
         )
 
 
-def _check_header(data: bytes, name: str) -> tuple[int, int] | None:
+def _check_header(data: bytes, name: str) -> tuple[int, int]:
     """Return (width, height) from the file's header, so that a small file that would decode
-    to gigabytes (a 450 kB WebP of 16000x16000, say) is refused before it is decoded; None for
-    formats read without that check (OpenCV's own limit of 2^30 pixels still holds)."""
+    to gigabytes (a 450 kB WebP of 16000x16000, say) is refused before it is decoded.
+
+    Other formats OpenCV reads (GIF, HDR, JPEG 2000, PNM ...) are refused: without this check
+    a 35-byte GIF took 2.8 GB to be refused after decoding.
+    """
     try:
         if data.startswith(_PNG_SIGNATURE):
             return _png_size(data, name)
@@ -141,10 +147,10 @@ def _check_header(data: bytes, name: str) -> tuple[int, int] | None:
         if data[:4] in (b"II*\0", b"MM\0*"):
             return _tiff_size(data, name)
         if data[:2] == b"BM":
-            return _bmp_size(data)
+            return _bmp_size(data, name)
     except struct.error:
         raise ImageError(f"image {name} is truncated (its header is cut short)") from None
-    return None
+    raise ImageError(_unreadable(name))
 
 
 def _webp_size(data: bytes, name: str) -> tuple[int, int]:
@@ -178,13 +184,13 @@ def _tiff_size(data: bytes, name: str) -> tuple[int, int]:
     return size[256], size[257]
 
 
-def _bmp_size(data: bytes) -> tuple[int, int] | None:
+def _bmp_size(data: bytes, name: str) -> tuple[int, int]:
     (header,) = struct.unpack_from("<I", data, 14)
     if header == 12:  # the old OS/2 header: 16-bit sizes
         w, h = struct.unpack_from("<HH", data, 18)
         return w, h
     if header not in (40, 52, 56, 64, 108, 124):
-        return None  # not a bitmap header OpenCV knows: it will say the file is unreadable
+        raise ImageError(_unreadable(name))
     w, h = struct.unpack_from("<ii", data, 18)
     return abs(w), abs(h)  # a negative height is a top-down bitmap
 

@@ -12,7 +12,7 @@ import cv2
 import pytest
 
 from edge.cli import EX_CANTCREAT, EX_DATAERR, EX_NOINPUT
-from edge.images import list_images
+from edge.images import FORMATS, list_images
 
 
 def run(
@@ -112,11 +112,11 @@ def test_detect_goes_on_past_an_unreadable_image_and_says_which(
     good = list_images(parts / "test" / "normal")[0]
     r = run("detect", parts_model, bad, good, "--json", "-", "--overlays", tmp_path / "ov")
     assert r.returncode == EX_DATAERR
-    assert r.stderr.strip() == f"edge-inspect: image {bad} is not a readable image file"
+    assert r.stderr.strip() == f"edge-inspect: image {bad} is not a readable image file ({FORMATS})"
     doc = json.loads(r.stdout)
     assert [i["verdict"] for i in doc["images"]] == ["ok"]
     assert doc["failed"] == [
-        {"file": str(bad), "error": f"image {bad} is not a readable image file"}
+        {"file": str(bad), "error": f"image {bad} is not a readable image file ({FORMATS})"}
     ]
     assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == [f"{good.stem}.png"]
 

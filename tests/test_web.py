@@ -19,6 +19,7 @@ from conftest import Broker, write_config
 
 from edge.access import hash_password
 from edge.config import ConfigError, parse_config
+from edge.images import FORMATS
 from edge.station import Station
 
 PASSWORD = "line-3 station password"
@@ -292,7 +293,12 @@ def test_uploads_are_checked_like_any_image(start_page: StartPage, parts: Path) 
     assert status == 409 and "in the dataset already" in err["error"]
 
     cases = [
-        (b"not an image at all", "notes.png", 422, "image notes.png is not a readable image file"),
+        (
+            b"not an image at all",
+            "notes.png",
+            422,
+            f"image notes.png is not a readable image file ({FORMATS})",
+        ),
         (b"", "empty.png", 400, "upload empty.png is empty"),
         (
             _png(np.zeros((200, 300, 3), np.uint8)),
