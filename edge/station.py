@@ -373,10 +373,22 @@ class Station:
             )
             if reference is not None:
                 model.run(reference)
+            elif model.meta.image_hw != self.model.meta.image_hw:
+                # No frame yet (a triggered station before its first trigger): nothing shows
+                # which size the camera gives, so the size the running model takes stays.
+                raise ModelError(
+                    f"model {model.path.name} takes {model.meta.image_size} images and "
+                    f"{self.model.path.name} {self.model.meta.image_size}; no camera frame has "
+                    "come yet to show which is right"
+                )
             if install is not None:
                 data = install.read_bytes()
                 if hashlib.sha256(data).hexdigest() != model.sha256:
                     raise ModelError(f"model {install} changed while it was being checked")
+                if model.sha256 == self.model.sha256:
+                    # Installing it would make the previous model a copy of it: the model that
+                    # was really running before would be lost for a roll-back.
+                    raise ModelError(f"model {model.id} is the one running already")
                 if path.is_file():
                     write_atomically(self.previous_model, path.read_bytes())
                 write_atomically(path, data)
@@ -508,6 +520,7 @@ class Station:
     def _inspect(self, fresh: bool, part_id: str | None) -> None:
         try:
             frame = self.source.read(fresh=fresh)
+            self._last_frame = frame  # a new model is tried on it, even if this one refuses it
             try:
                 self.model.check_frame(frame.image)
             except ValueError as exc:  # the camera was set up for another model, say
@@ -526,7 +539,6 @@ class Station:
             self._source_failures = 0
             self._set_status("online", "")
         self.stats.frames += 1
-        self._last_frame = frame
         t0 = time.monotonic()
         detection = self.model.detect(frame.image)
         decided = time.monotonic()

@@ -9,6 +9,7 @@ Pictures for the page are drawn here, in the server's threads, at most `live_fps
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import re
@@ -466,6 +467,8 @@ class Web:
         candidate = self.trainer.candidate_model
         if candidate is None:
             raise HttpError(409, "there is no trained candidate model to use")
+        if hashlib.sha256(candidate.read_bytes()).hexdigest() == self.station.model.sha256:
+            raise HttpError(409, "the candidate is the model in use already")
         return self._install(candidate, "candidate activated on the page")
 
     def _rollback(self, req: Request, m: re.Match[str]) -> Reply:

@@ -23,6 +23,7 @@ from conftest import Broker, Subscriber, write_config
 
 from edge.config import load_config
 from edge.journal import Journal
+from edge.model import Model
 from edge.sources import Frame, SourceError
 from edge.station import Station
 
@@ -466,11 +467,13 @@ def test_camera_fault_degrades_then_recovers_by_itself(
         thread.join(15)
 
 
-def test_frames_of_another_size_degrade_the_station_and_answer_triggers(
+def test_frames_of_another_size_degrade_the_station_until_the_right_model_comes(
     tmp_path: Path,
     model_file: Path,
     replay: Path,
+    parts: Path,
     broker: Broker,
+    other_models: dict[str, Path],
     subscribe: Callable[[str], Subscriber],
     run_station: Callable[[Path], Station],
 ) -> None:
@@ -478,6 +481,7 @@ def test_frames_of_another_size_degrade_the_station_and_answer_triggers(
     # and retry (someone fixes the camera or drops in the right model), never a crash that
     # systemd would turn into a restart loop.
     from edge.images import read_image
+    from edge.train import train
 
     other = tmp_path / "other-size"
     other.mkdir()
@@ -490,15 +494,36 @@ def test_frames_of_another_size_degrade_the_station_and_answer_triggers(
     )
     station = run_station(config)
     sub.wait_for("status", lambda m: m.payload == b"online")
+    # Before the first trigger no frame shows the camera's size: a model for another size
+    # than the running one's is not taken on trust.
+    _replace(model_file, other_models["small"])
+    refused = sub.wait_for("error", timeout=20).json()["error"]
+    assert "takes 120x90 images" in refused and "no camera frame has come yet" in refused
     sub.publish("size/cmd/trigger", json.dumps({"part_id": "A-7"}))
-    error = sub.wait_for("error").json()
-    assert error["command"] == "trigger"
+    error = sub.wait_for("error", lambda m: m.json()["command"] == "trigger").json()
     assert "no verdict for part A-7" in error["error"] and "200x150" in error["error"]
     state = sub.wait_for("state", lambda m: m.json()["status"] == "degraded").json()
     assert "trained on" in state["reason"]
     sub.publish("size/cmd/trigger", json.dumps({"part_id": "A-8"}))
     sub.wait_for("error", lambda m: "A-8" in m.json()["error"])
     assert sub.on("verdict") == [] and station.stats.frames == 0
+    # The right model for this camera is tried on the frames the old one refused, and taken.
+    fitting = tmp_path / "fitting" / "normal"
+    fitting.mkdir(parents=True)
+    for p in sorted((parts / "train" / "normal").iterdir())[:10]:
+        cv2.imwrite(str(fitting / p.name), cv2.resize(read_image(p), (200, 150)))
+    train(fitting.parent, tmp_path / "fitting.onnx")
+    _replace(model_file, tmp_path / "fitting.onnx")
+    new_id = Model(tmp_path / "fitting.onnx").id
+    sub.wait_for("state", lambda m: m.json().get("model_id") == new_id, timeout=20)
+    sub.publish("size/cmd/trigger", json.dumps({"part_id": "A-9"}))
+    assert sub.wait_for("verdict").json()["part_id"] == "A-9"
+
+
+def _replace(path: Path, new: Path) -> None:
+    """Put `new` in place of `path` in one step, as an installer would."""
+    shutil.copy(new, path.with_name("incoming.tmp"))
+    os.replace(path.with_name("incoming.tmp"), path)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from conftest import Broker, write_config
 from edge.access import hash_password
 from edge.config import ConfigError, parse_config
 from edge.images import FORMATS
+from edge.model import Model
 from edge.station import Station
 
 PASSWORD = "line-3 station password"
@@ -561,6 +562,12 @@ def test_train_evaluate_activate_and_roll_back(start_page: StartPage, parts: Pat
     n = station.stats.verdicts
     wait_until(lambda: station.stats.verdicts > n + 5, what="inspection after the swap")
     assert station.journal.recent(1)[0].model_id == doc["candidate_id"]
+    # Activated again (from a second tab): the model kept for a roll-back must stay the first.
+    status, err = page.post("/api/training/activate")
+    assert (status, err["error"]) == (409, "the candidate is the model in use already")
+    station.reload("test", install=station.web.trainer.candidate_dir / "model.onnx")
+    wait_until(lambda: "is the one running already" in station.model_event.text, 30, "refusal")
+    assert Model(station.previous_model).id == first
 
     assert page.post("/api/model/rollback")[0] == 202
     wait_until(lambda: station.model.id == first, 30, "the roll-back")
