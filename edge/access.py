@@ -14,6 +14,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from math import ceil
 
 # scrypt at N=2^14, r=8: 16 MiB and some tens of ms a try here, a few hundred on a Pi.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -87,6 +88,7 @@ class Sessions:
         self._sessions: dict[str, Session] = {}
         self._failures: dict[str, tuple[int, float]] = {}  # address -> (count, locked until)
         self._lock = threading.Lock()
+        self._checking = threading.Lock()
 
     @property
     def required(self) -> bool:
@@ -96,19 +98,22 @@ class Sessions:
         """Check a password; return a new session id. ValueError for a wrong password,
         PermissionError while the address is locked out after earlier wrong ones."""
         assert self.password_hash is not None
-        with self._lock:
-            count, until = self._failures.get(address, (0, 0.0))
-        wait = until - time.monotonic()
-        if wait > 0:
-            raise PermissionError(f"too many wrong passwords; try again in {wait:.0f} s")
-        if not verify_password(password, self.password_hash):
+        # One password check at a time: a burst of guesses cannot all pass the lock-out test
+        # before the first is counted, and only one scrypt's memory (16 MiB) is ever in use.
+        with self._checking:
             with self._lock:
-                count += 1
-                self._failures[address] = (
-                    count,
-                    time.monotonic() + min(2.0**count, LOCKOUT_MAX_S),
-                )
-            raise ValueError("wrong password")
+                count, until = self._failures.get(address, (0, 0.0))
+            wait = until - time.monotonic()
+            if wait > 0:
+                raise PermissionError(f"too many wrong passwords; try again in {ceil(wait)} s")
+            if not verify_password(password, self.password_hash):
+                with self._lock:
+                    count += 1
+                    self._failures[address] = (
+                        count,
+                        time.monotonic() + min(2.0**count, LOCKOUT_MAX_S),
+                    )
+                raise ValueError("wrong password")
         sid = secrets.token_urlsafe(32)
         with self._lock:
             self._failures.pop(address, None)

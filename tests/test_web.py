@@ -7,6 +7,7 @@ import http.client
 import json
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import Broker, write_config
 
-from edge.access import hash_password
+from edge.access import Sessions, hash_password
 from edge.config import ConfigError, parse_config
 from edge.images import FORMATS
 from edge.model import Model
@@ -473,6 +474,25 @@ def test_password_login_sessions_and_lockout(start_page: StartPage) -> None:
     assert page.post("/api/logout")[0] == 200
     page.cookie = cookie  # an old cookie is no good after logging out
     assert page.get("/api/status")[0] == 401
+
+
+def test_a_burst_of_wrong_passwords_gets_one_check() -> None:
+    """Guesses sent at once must not all be checked before the first failure locks them out."""
+    sessions = Sessions(hash_password(PASSWORD), 3600)
+    outcomes: list[str] = []
+
+    def guess() -> None:
+        try:
+            sessions.login("guess", "10.0.0.9")
+        except (ValueError, PermissionError) as exc:
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=guess) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["PermissionError"] * 11 + ["ValueError"]
 
 
 def test_station_inspects_on_when_the_page_port_is_taken(
