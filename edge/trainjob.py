@@ -52,7 +52,22 @@ class Trainer:
         self.workdir = workdir
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[str] | None = None
+        self._follower: threading.Thread | None = None
         self._state: dict[str, Any] = {"state": "idle"}
+        self._clear_unfinished()
+
+    def _clear_unfinished(self) -> None:
+        """A station killed while training (power cut, SIGKILL) leaves its run folder: remove
+        it, and say on the page that the run did not finish."""
+        if not self.workdir.is_dir():
+            return
+        left = [p for p in self.workdir.iterdir() if p.name.startswith((".run-", ".gone-"))]
+        for folder in left:
+            shutil.rmtree(folder, ignore_errors=True)
+        if any(p.name.startswith(".run-") for p in left):
+            why = "the last training did not finish: the station stopped during it"
+            log.warning("%s", why)
+            self._state = {"state": "idle", "error": why}
 
     @property
     def candidate_dir(self) -> Path:
@@ -100,7 +115,8 @@ class Trainer:
                 "seconds_left": None,
             }
             proc = self._proc
-        threading.Thread(target=self._follow, args=(proc, out), daemon=True).start()
+            self._follower = threading.Thread(target=self._follow, args=(proc, out), daemon=True)
+            self._follower.start()
 
     def cancel(self) -> bool:
         """Stop a running training; True if one was running."""
@@ -110,6 +126,14 @@ class Trainer:
             self._proc.terminate()
             self._state["cancelled"] = True
             return True
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Cancel a running training and wait until its run folder is gone (the station is
+        stopping: a daemon thread would not live to clean up)."""
+        self.cancel()
+        follower = self._follower
+        if follower is not None:
+            follower.join(timeout_s)
 
     def discard(self) -> bool:
         """Delete the candidate; True if there was one."""

@@ -138,7 +138,7 @@ class Web:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-        self.trainer.cancel()
+        self.trainer.stop()
 
     @property
     def port(self) -> int:

@@ -23,6 +23,7 @@ from edge.config import ConfigError, parse_config
 from edge.images import FORMATS
 from edge.model import Model
 from edge.station import Station
+from edge.trainjob import Trainer
 
 PASSWORD = "line-3 station password"
 
@@ -630,6 +631,29 @@ def test_training_can_be_cancelled(start_page: StartPage, parts: Path) -> None:
     assert doc["state"] == "idle" and doc["error"] == "training cancelled"
     assert not doc["candidate"]
     assert list((station.cfg.station.state_dir / "training").iterdir()) == []
+
+
+def test_a_station_stopped_during_training_leaves_no_run_behind(
+    start_page: StartPage, parts: Path
+) -> None:
+    station, page = start_page()
+    page.start()
+    _fill_dataset(page, parts)
+    work = station.cfg.station.state_dir / "training"
+    assert page.post("/api/training/start")[0] == 202
+    wait_until(lambda: list(work.glob(".run-*/*")), 60, "the run to write")
+    assert station.web is not None
+    station.web.stop()  # as when systemd stops the station
+    assert list(work.iterdir()) == []
+    # Killed outright, a station leaves its run folder: the next start clears it and says so.
+    (work / ".run-1-2").mkdir()
+    (work / ".run-1-2" / "model.onnx").write_bytes(b"half a model")
+    trainer = Trainer(station.web.dataset.root, work)
+    assert list(work.iterdir()) == []
+    assert trainer.state() == {
+        "state": "idle",
+        "error": "the last training did not finish: the station stopped during it",
+    }
 
 
 def test_pause_resume_and_trigger_from_the_page(start_page: StartPage) -> None:
