@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import cv2
@@ -373,7 +373,7 @@ class Web:
         or, without a number, the newest inspected one."""
         doc = req.json()
         label = _label(doc.get("label"))
-        wanted = doc.get("frame")
+        wanted = _field(doc, "frame", int, "a frame number, such as 17")
         if wanted is None:
             chosen = self.station.latest
         else:
@@ -392,8 +392,8 @@ class Web:
     def _from_record(self, req: Request, m: re.Match[str]) -> Reply:
         doc = req.json()
         label = _label(doc.get("label"))
-        seq = doc.get("seq")
-        if not isinstance(seq, int):
+        seq = _field(doc, "seq", int, "a record number, such as 123")
+        if seq is None:
             raise HttpError(400, 'give the record number as {"seq": 123, ...}')
         path = self._saved_picture(seq, "frame")
         try:
@@ -415,17 +415,18 @@ class Web:
 
     def _move(self, req: Request, m: re.Match[str]) -> Reply:
         doc = req.json()
+        item_id = _field(doc, "id", str, _ITEM_EXAMPLE) or ""
+        label = _field(doc, "label", str, '"normal" or "anomaly"')
+        split = _field(doc, "split", str, '"train" or "test"')
         try:
-            item = self.dataset.move(
-                str(doc.get("id", "")), doc.get("label") or None, doc.get("split") or None
-            )
+            item = self.dataset.move(item_id, label or None, split or None)
         except DatasetError as exc:
             raise HttpError(404 if "does not exist" in str(exc) else 400, str(exc)) from None
         return json_reply(item.as_dict())
 
     def _delete(self, req: Request, m: re.Match[str]) -> Reply:
         try:
-            self.dataset.delete(str(req.json().get("id", "")))
+            self.dataset.delete(_field(req.json(), "id", str, _ITEM_EXAMPLE) or "")
         except DatasetError as exc:
             raise HttpError(404 if "does not exist" in str(exc) else 400, str(exc)) from None
         return json_reply({})
@@ -564,6 +565,21 @@ def _int(text: str, name: str, low: int, high: int) -> int:
         raise HttpError(400, f"{name} {text[:20]!r} is not a whole number") from None
     if not low <= value <= high:
         raise HttpError(400, f"{name} {value} is not between {low} and {high}")
+    return value
+
+
+_ITEM_EXAMPLE = 'a dataset item id, such as "train/normal/cap-1.png"'
+
+
+def _field(doc: dict[str, Any], key: str, kind: type, example: str) -> Any:
+    """doc[key] if it is of that kind, None if it is absent or null; HttpError 400 otherwise.
+    Numbers must be whole, not true/false, and fit SQLite's 64-bit integers."""
+    value = doc.get(key)
+    if value is None:
+        return None
+    whole = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+    if not isinstance(value, kind) or (kind is int and not whole):
+        raise HttpError(400, f'"{key}" must be {example}')
     return value
 
 

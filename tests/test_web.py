@@ -247,8 +247,8 @@ def test_dataset_capture_relabel_move_delete(start_page: StartPage) -> None:
     assert status in (201, 409)  # 409: the same picture came round again in the replay
     if status == 409:
         assert "in the dataset already" in again["error"]
-    status, err = page.post("/api/dataset/capture", {"label": "normal", "frame": -5})
-    assert status == 409 and err["error"] == "frame -5 is no longer held; capture again"
+    status, err = page.post("/api/dataset/capture", {"label": "normal", "frame": 10**9})
+    assert status == 409 and err["error"] == f"frame {10**9} is no longer held; capture again"
     assert page.post("/api/dataset/capture", {"label": "good"})[1] == {
         "error": "label must be one of normal, anomaly"
     }
@@ -262,6 +262,21 @@ def test_dataset_capture_relabel_move_delete(start_page: StartPage) -> None:
     listing = page.get("/api/dataset")[1]
     assert moved["id"] in [i["id"] for i in listing["items"]]
     assert listing["counts"]["test/anomaly"] >= 1
+
+    # Fields of the wrong type are named, never a 500 or a guess (true is not record 1).
+    wrong = [
+        ("capture", {"label": "normal", "frame": [1]}, '"frame" must be a frame number'),
+        ("capture", {"label": "normal", "frame": -5}, '"frame" must be a frame number'),
+        ("record", {"label": "normal", "seq": True}, '"seq" must be a record number'),
+        ("record", {"label": "normal", "seq": 2**63}, '"seq" must be a record number'),
+        ("record", {"label": "normal", "seq": 1.5}, '"seq" must be a record number'),
+        ("move", {"id": moved["id"], "split": 5}, '"split" must be "train" or "test"'),
+        ("move", {"id": 7, "label": "normal"}, '"id" must be a dataset item id'),
+        ("delete", {"id": {"a": 1}}, '"id" must be a dataset item id'),
+    ]
+    for action, doc, why in wrong:
+        status, err = page.post(f"/api/dataset/{action}", doc)
+        assert status == 400 and err["error"].startswith(why), (action, doc, err)
 
     for bad in ("../../../etc/passwd", "train/normal/../../x.png", "train/normal/.hidden.png"):
         status, err = page.post("/api/dataset/delete", {"id": bad})
