@@ -52,7 +52,14 @@ _EXPORT_BATCH = 1000  # rows read per lock hold, so an export never stalls the i
 
 
 class JournalError(RuntimeError):
-    """The journal cannot be opened, read or written; the message names the file and the reason."""
+    """The journal cannot be opened, read or written; the message names the file and the reason.
+
+    `disk_full` says the disk (or the file's size limit) ran out, which freeing space mends.
+    """
+
+    def __init__(self, message: str, disk_full: bool = False) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
 
 
 @dataclass(frozen=True)
@@ -182,7 +189,9 @@ class Journal:
             try:
                 yield self._conn
             except sqlite3.Error as e:
-                raise JournalError(f"journal {self.path} cannot {action}: {e}") from None
+                # SQLITE_FULL (13); Python 3.10 has no error code, only the message
+                full = getattr(e, "sqlite_errorcode", 13) == 13 and "is full" in str(e)
+                raise JournalError(f"journal {self.path} cannot {action}: {e}", full) from None
 
     def append(
         self,

@@ -80,6 +80,8 @@ class Link:
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # paho message id -> journal seq, this connection
         self._acked_early: dict[int, bool] = {}  # message id -> delivered, before registration
+        # Delivered, but the journal could not mark them so (a full disk): never sent again.
+        self._unmarked: set[int] = set()
         self._status = b"online"
         self._state: dict[str, Any] = {}
         self.connected = threading.Event()
@@ -222,8 +224,22 @@ class Link:
     def _deliver(self, seq: int) -> None:
         try:
             self._on_delivered(seq)
-        except Exception as exc:  # the journal may be full: the record goes out again later
-            log.warning("could not mark record %d delivered: %s", seq, exc)
+        except Exception as exc:  # the journal may be full: remembered, marked later
+            if not self._unmarked:
+                log.warning("could not mark record %d delivered: %s", seq, exc)
+            self._unmarked.add(seq)
+
+    def retry_marks(self) -> None:
+        """Mark the records delivered that the journal could not mark when they were."""
+        with self._lock:
+            pending = sorted(self._unmarked)
+        for seq in pending:
+            try:
+                self._on_delivered(seq)
+            except Exception:
+                return  # still failing: try again on a later call
+            with self._lock:
+                self._unmarked.discard(seq)
 
     def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         name = msg.topic[len(self.prefix) + len("/cmd/") :]
@@ -248,8 +264,9 @@ class Link:
         return True
 
     def inflight_seqs(self) -> set[int]:
+        """Records not to send on the backlog: in flight, or delivered but not marked so."""
         with self._lock:
-            return set(self._inflight.values())
+            return set(self._inflight.values()) | self._unmarked
 
     def publish_verdict(self, doc: dict[str, Any], seq: int) -> bool:
         """Publish a live verdict if connected; False means it stays in the journal's backlog."""

@@ -42,6 +42,7 @@ MAX_COMMAND_BYTES = 4096
 SOURCE_RETRY_MIN_S = 0.5
 SOURCE_RETRY_MAX_S = 10.0
 SOURCE_REOPEN_AFTER = 3
+JOURNAL_ROOM_BYTES = 8 * 1024 * 1024  # saved frames deleted at once when the journal is full
 LATENCY_WINDOW = 1000  # verdicts the stats percentiles are taken over
 FPS_WINDOW_S = 5.0  # the inspection rate is counted over this many seconds
 MODEL_POLL_S = 1.0  # how often the model file is looked at for a new version
@@ -182,6 +183,7 @@ class Station:
         self._source_failures = 0
         self._open_error = ""  # why the source last failed to open, until it opens
         self._journal_failed = False
+        self._told: tuple[str, str, str] | None = None  # status, reason, model last published
         self._loader: threading.Thread | None = None
         self._loader_lock = threading.Lock()
         self.latest: Latest | None = None
@@ -437,11 +439,17 @@ class Station:
         self._seen_sig = sig
 
     def _set_status(self, status: str, reason: str) -> None:
+        """Publish a change of status, reason or model; the same again (a fault that lasts,
+        seen on every frame) is not sent again."""
         if (status, reason) != (self.status, self.reason):
             # A fault goes to the journal at the default level: it is what an engineer needs.
             level = logging.WARNING if status == "degraded" else logging.INFO
             log.log(level, "status %s%s", status, f": {reason}" if reason else "")
         self.status, self.reason = status, reason
+        told = (status, reason, self.model.sha256)
+        if told == self._told:
+            return
+        self._told = told
         if self.link:
             self.link.set_status(
                 status,
@@ -484,6 +492,7 @@ class Station:
         link = self.link
         if link is None or not link.connected.is_set():
             return
+        link.retry_marks()
         inflight = link.inflight_seqs()
         for rec in self.journal.unpublished(limit=batch + len(inflight)):
             if rec.seq not in inflight and not link.publish_backlog(rec.payload(), rec.seq):
@@ -569,7 +578,7 @@ class Station:
         )
         record: Record | None = None
         try:
-            record = self.journal.append(**fields)
+            record = self._append(fields)
             if self._journal_failed:
                 self._journal_failed = False
                 self._set_status("online", "")
@@ -588,6 +597,22 @@ class Station:
                 self.link.publish_verdict({"seq": None, "time": iso, **fields}, -1)
         self._save(frame, detection, record)
 
+    def _append(self, fields: dict[str, Any]) -> Record:
+        """Journal a verdict; on a full disk, saved frames give way first (the oldest)."""
+        try:
+            return self.journal.append(**fields)
+        except JournalError as exc:
+            if not exc.disk_full or not self.store.free(JOURNAL_ROOM_BYTES):
+                raise
+        log.warning("disk full: the oldest saved frames were deleted to keep the journal going")
+        record = self.journal.append(**fields)
+        self._forget_evicted()
+        return record
+
+    def _forget_evicted(self) -> None:
+        for gone in self.store.evicted():
+            self.journal.forget_path(gone)
+
     def _save(self, frame: Frame, detection: Detection, record: Record | None) -> None:
         keep = False
         if detection.is_anomalous:
@@ -599,7 +624,10 @@ class Station:
             return
         name = f"{record.seq:08d}-{detection.verdict}"
         paths = self.store.save(name, frame.image, draw_overlay(frame.image, detection))
-        for gone in self.store.evicted():
-            self.journal.forget_path(gone)
-        if paths[0] is not None:
-            self.journal.set_paths(record.seq, *paths)
+        try:
+            self._forget_evicted()
+            if paths[0] is not None:
+                self.journal.set_paths(record.seq, *paths)
+        except JournalError as exc:  # the verdict is out already; the frame stays on disk
+            self._journal_failed = True
+            self._set_status("degraded", str(exc))

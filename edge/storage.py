@@ -124,6 +124,13 @@ class FrameStore:
         log.warning("%s", self.last_error)
         return None, None
 
+    def free(self, nbytes: int) -> int:
+        """Delete the oldest saved files until `nbytes` are freed (for the journal, on a full
+        disk); returns the bytes freed, 0 when there was nothing to delete."""
+        before = self.usage_bytes
+        self._evict(nbytes)
+        return before - self.usage_bytes
+
     def evicted(self) -> list[str]:
         """The paths (relative to the state dir) deleted since the last call, oldest first."""
         out, self._evicted = self._evicted, []

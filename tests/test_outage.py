@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from conftest import Broker, Subscriber, write_config
 
 from edge.config import load_config
@@ -81,3 +84,104 @@ def test_broker_outage_loses_nothing_and_delivers_the_backlog_once_in_order(
     late = [m for m in sub.on("verdict") if m.received - m.json()["wall"] > EXPIRY_S]
     assert late == []
     assert all(not (down <= v["wall"] <= up) for v in live)
+
+
+def test_a_journal_that_cannot_mark_deliveries_does_not_resend_the_backlog(
+    tmp_path: Path, parts_model: Path, replay: Path
+) -> None:
+    """After an outage the backlog goes out; if the journal then cannot record that (a full
+    disk did it), each record must still go out once, not again on every pass of the loop."""
+    (tmp_path / "broker").mkdir()
+    broker = Broker(tmp_path / "broker")
+    sub = None
+    config = write_config(
+        tmp_path,
+        parts_model,
+        replay,
+        broker,
+        "full",
+        source={"fps": 10},
+        storage={"save_ok_every": 0, "save_ng": False},
+        mqtt={"reconnect_min_s": 0.5, "reconnect_max_s": 1},
+    )
+    station = Station(load_config(config))
+    thread = threading.Thread(target=station.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while station.journal.backlog() < 10 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with station.journal._lock:  # SQLite refuses every write from now on
+            station.journal._conn.execute("PRAGMA query_only = 1")
+        waiting = {r.seq for r in station.journal.unpublished(limit=10_000)}
+        broker.start()
+        sub = Subscriber(broker, "full/#")
+        sub.wait_for("backlog", lambda m: {m.json()["seq"] for m in sub.on("backlog")} >= waiting)
+        time.sleep(3)  # many passes of the loop, each of which used to send them all again
+        sent = [m.json()["seq"] for m in sub.on("backlog")]
+        assert len(sent) == len(set(sent)), "a backlog record was sent twice"
+        with station.journal._lock:
+            station.journal._conn.execute("PRAGMA query_only = 0")
+        deadline = time.monotonic() + 20
+        while station.journal.counts()["unpublished"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert station.journal.counts()["unpublished"] == 0, "delivered records get marked"
+        assert thread.is_alive()
+    finally:
+        station.stop()
+        thread.join(15)
+        if sub is not None:
+            sub.close()
+        broker.stop()
+    sent = [m.json()["seq"] for m in sub.on("backlog")]
+    assert len(sent) == len(set(sent))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 12 MB file system (tmpfs): mounting one needs root, as on the CI machine."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_on_a_full_disk_saved_frames_give_way_to_the_journal(
+    tmp_path: Path,
+    small_disk: Path,
+    parts_model: Path,
+    replay: Path,
+    run_station: Callable[[Path], Station],
+) -> None:
+    config = write_config(
+        tmp_path,
+        parts_model,
+        replay,
+        None,
+        "disk",
+        source={"fps": 50},
+        station={"state_dir": str(small_disk / "state")},
+        storage={"save_ok_every": 1, "quota_mb": 100},
+    )
+    station = run_station(config)
+    frames = small_disk / "state" / "frames"
+
+    def saved() -> int:
+        return sum(1 for _ in frames.rglob("*.jpg"))
+
+    deadline = time.monotonic() + 60
+    most = 0
+    while time.monotonic() < deadline and (most < 20 or saved() >= most):
+        most = max(most, saved())
+        time.sleep(0.2)
+    assert saved() < most, "the disk filled and the oldest frames were deleted"
+    # The journal goes on: records keep coming with their numbers, the station keeps running.
+    count = station.journal.counts()["total"]
+    time.sleep(2)
+    assert station.journal.counts()["total"] > count + 20
+    assert station.latest is not None and station.latest.seq is not None
