@@ -616,6 +616,8 @@ def test_unwritable_journal_is_reported_and_verdicts_keep_coming(
     assert "journal" in state["reason"] and "full" in state["reason"]
     unjournaled = sub.wait_for("verdict", lambda m: m.json()["seq"] is None, timeout=20).json()
     assert unjournaled["verdict"] in ("ok", "ng") and unjournaled["model_id"] == station.model.id
+    time.sleep(1)  # a lasting fault is told once, not with every frame
+    assert len([m for m in sub.on("state") if m.json()["status"] == "degraded"]) == 1
     with station.journal._lock:
         station.journal._conn.execute("PRAGMA max_page_count = 1073741823")
     sub.wait_for("status", lambda m: m.payload == b"online" and m.received > time.time() - 5)
