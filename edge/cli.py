@@ -238,8 +238,11 @@ def _config(path: Path) -> Config:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
-    if cfg.mqtt.enabled and cfg.mqtt.password_file:
-        cfg.mqtt.password()  # a ConfigError naming the file if `run` could not read it
+    if cfg.mqtt.enabled:  # a ConfigError naming a file that `run` could not read
+        if cfg.mqtt.password_file:
+            cfg.mqtt.password()
+        if cfg.mqtt.tls.enabled:
+            cfg.mqtt.tls.check_files()
     print(
         f"{args.config}: valid (station {cfg.station.name}, source {cfg.source.kind}, "
         f"model {cfg.model.path}, broker {cfg.mqtt.host}:{cfg.mqtt.port})"

@@ -122,6 +122,17 @@ class TLSConfig(_Section):
             raise ValueError("cert_file and key_file go together")
         return self
 
+    def check_files(self) -> None:
+        """Raise ConfigError naming a certificate or key file that cannot be read."""
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, key)
+            if path is None:
+                continue
+            try:
+                path.read_bytes()
+            except OSError as exc:
+                raise ConfigError([f"mqtt.tls.{key} {path}: {exc.strerror or exc}"]) from None
+
 
 class MqttConfig(_Section):
     enabled: bool = Field(True, description="Publish to a broker; off keeps only the local journal")

@@ -26,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.config import MqttConfig
+from edge.config import ConfigError, MqttConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,16 @@ def secure(client: mqtt.Client, cfg: MqttConfig) -> None:
     if cfg.username:
         client.username_pw_set(cfg.username, cfg.password())
     if cfg.tls.enabled:
-        client.tls_set(
-            ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
-            certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-            keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
-            cert_reqs=ssl.CERT_NONE if cfg.tls.insecure else ssl.CERT_REQUIRED,
-        )
+        cfg.tls.check_files()
+        try:
+            client.tls_set(
+                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+                cert_reqs=ssl.CERT_NONE if cfg.tls.insecure else ssl.CERT_REQUIRED,
+            )
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError([f"mqtt.tls: the certificate files cannot be used: {exc}"]) from None
         client.tls_insecure_set(cfg.tls.insecure)
 
 
@@ -125,12 +129,20 @@ class Link:
     def _run(self) -> None:
         delay = self.cfg.reconnect_min_s
         where = f"{self.cfg.host}:{self.cfg.port}"
+        client: mqtt.Client | None = self.client
         while not self._stopping.is_set():
-            client = self.client
             try:
+                if client is None:  # the password or a certificate is read again: it may fail
+                    client = self._new_client()
+                    with self._lock:
+                        self.client = client
                 client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
-            except (OSError, ValueError) as exc:
-                error = f"cannot reach broker {where}: {exc}"
+            except (OSError, ValueError) as exc:  # ValueError: a ConfigError, say
+                error = (
+                    f"cannot reach broker {where}: {exc}"
+                    if client is not None
+                    else f"cannot connect to broker {where}: {exc}"
+                )
                 if error != self.last_error:
                     log.warning(
                         "%s; retrying every %g-%g s",
@@ -155,7 +167,7 @@ class Link:
             with self._lock:
                 self._inflight.clear()  # unacknowledged records go out on the backlog
                 self._acked_early.clear()
-                self.client = self._new_client()
+            client = None
 
     def stop(self, timeout_s: float = 3.0) -> None:
         """Publish offline, wait for it to be delivered (bounded), disconnect."""

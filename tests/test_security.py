@@ -397,3 +397,44 @@ def _run_until_refused(station: Station) -> None:
         station.stop()
         thread.join(10)
     assert not thread.is_alive(), "the station did not stop"
+
+
+def test_a_password_file_missing_at_a_reconnect_is_retried_not_fatal(
+    tmp_path: Path,
+    parts_model: Path,
+    replay: Path,
+    tls_broker: TLSBroker,
+    all_logs: pytest.LogCaptureFixture,
+    tls_subscribe: Callable[[str], TLSSubscriber],
+) -> None:
+    """A password or CA being replaced (not in one rename) when the broker restarts: the
+    link thread used to die, and the station inspected on without ever reconnecting."""
+    config = tls_config(
+        tmp_path,
+        parts_model,
+        replay,
+        tls_broker,
+        "rotate",
+        mqtt={"reconnect_min_s": 0.2, "reconnect_max_s": 0.5},
+    )
+    password = tmp_path / "secrets" / PASSWORD_NAME
+    station = Station(load_config(config))
+    thread = threading.Thread(target=station.run, daemon=True)
+    thread.start()
+    try:
+        assert station.link is not None
+        assert wait_until(station.link.connected.is_set, 20)
+        password.rename(password.with_name("being-replaced"))
+        tls_broker.stop()
+        tls_broker.start()
+        assert wait_until(lambda: "password file" in (station.link.last_error or ""), 20)
+        assert station.link._thread is not None and station.link._thread.is_alive()
+        password.with_name("being-replaced").rename(password)
+        sub = tls_subscribe("rotate/#")
+        sub.wait_for("status", lambda m: m.payload == b"online", timeout=20)
+        assert station.link.connects == 2
+    finally:
+        station.stop()
+        thread.join(15)
+    warned = [r.getMessage() for r in all_logs.records if r.levelno >= logging.WARNING]
+    assert any(f"mqtt password file {password}" in m for m in warned), warned

@@ -325,7 +325,21 @@ def test_check_config_names_every_problem_and_exits_78(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 78 and f"password file {tmp_path / 'missing'}" in r.stderr
-    example = Path(__file__).parent.parent / "deploy" / "config.example.toml"
+    # So is a CA file: `run` exited 66 with "[Errno 2] No such file or directory" and no name.
+    shipped = Path(__file__).parent.parent / "deploy" / "config.example.toml"
+    example = tmp_path / "example.toml"
+    example.write_text(
+        shipped.read_text().replace("/etc/edge-inspect/ca.crt", str(tmp_path / "ca.crt"))
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "check-config", str(example)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 78
+    assert f"mqtt.tls.ca_file {tmp_path / 'ca.crt'}: No such file or directory" in r.stderr
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
     r = subprocess.run(
         [sys.executable, "-m", "edge.cli", "check-config", str(example)],
         capture_output=True,
