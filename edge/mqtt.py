@@ -7,7 +7,7 @@ Topics under the configured prefix P (README, "MQTT topics"):
     P/verdict     QoS 1     JSON verdict, with an MQTT 5 message expiry
     P/backlog     QoS 1     JSON verdicts that could not be delivered live, oldest first, once
     P/stats       QoS 0     JSON counters and latency percentiles, every stats_interval_s
-    P/error       QoS 1     JSON: a command that was refused and why
+    P/error       QoS 1     JSON: a command that was refused (and its part id) and why
     P/cmd/<name>  (in)      trigger, pause, resume, reload
 """
 
@@ -25,6 +25,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge.config import ConfigError, MqttConfig
 
@@ -203,7 +204,14 @@ class Link:
         self.connects += 1
         self.last_error = None
         log.info("connected to %s:%s", self.cfg.host, self.cfg.port)
-        client.subscribe(self.topic("cmd/+"), qos=1)
+        # cmd/# rather than cmd/+: a command sent one level too deep is refused, not unheard.
+        # MQTT 5 keeps retained commands away (and marks the message that clears one).
+        if self._v5:
+            keep_away = SubscribeOptions.RETAIN_DO_NOT_SEND
+            options = SubscribeOptions(qos=1, retainAsPublished=True, retainHandling=keep_away)
+            client.subscribe(self.topic("cmd/#"), options=options)
+        else:
+            client.subscribe(self.topic("cmd/#"), qos=1)
         # Retained state is published again on every connect, so it is right after a broker restart.
         client.publish(self.topic("status"), self._status, qos=1, retain=True)
         if self._state:  # empty until the station's first set_status, which publishes it
@@ -255,6 +263,14 @@ class Link:
 
     def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         name = msg.topic[len(self.prefix) + len("/cmd/") :]
+        if msg.retain:
+            # A retained trigger or pause would act again at every reconnect and every start.
+            if msg.payload:  # an empty one is its clearing: nothing to say
+                self.publish_error(
+                    name[:64],
+                    "retained commands are ignored; clear it with an empty retained message",
+                )
+            return
         self._on_command(name, bytes(msg.payload))
 
     # --- publishing (the station's thread) ---
@@ -307,8 +323,8 @@ class Link:
         if self.connected.is_set():
             self.client.publish(self.topic("stats"), _dumps(doc), qos=0)
 
-    def publish_error(self, command: str, error: str) -> None:
+    def publish_error(self, command: str, error: str, part_id: str | None = None) -> None:
         log.warning("command %s refused: %s", command, error)
         if self.connected.is_set():
-            doc = {"command": command, "error": error, "time": time.time()}
+            doc = {"command": command, "part_id": part_id, "error": error, "time": time.time()}
             self.client.publish(self.topic("error"), _dumps(doc), qos=1)

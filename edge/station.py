@@ -93,6 +93,19 @@ def parse_command(name: str, payload: bytes, token: str | None) -> _Command:
         raise ValueError(f"{where!r}: {err['msg']}") from None
 
 
+def _part_id_of(payload: bytes) -> str | None:
+    """The part id a refused trigger carried, if one can be read, so the controller knows which
+    part gets no verdict; None otherwise (it is only echoed, never acted on)."""
+    try:
+        doc = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    part = doc.get("part_id") if isinstance(doc, dict) else None
+    if isinstance(part, str) and 0 < len(part) <= 128 and part.isprintable():
+        return part
+    return None
+
+
 @dataclass
 class Stats:
     started: float = field(default_factory=time.monotonic)
@@ -206,10 +219,16 @@ class Station:
     # --- called from other threads ---
 
     def _command_arrived(self, name: str, payload: bytes) -> None:
+        if len(payload) > MAX_COMMAND_BYTES:  # refused here: a flood of them is never held
+            why = f"payload of {len(payload)} bytes is over the {MAX_COMMAND_BYTES}-byte limit"
+            self._refuse(name[:64], why)
+            return
         try:
             self.commands.put_nowait((name, payload))
         except queue.Full:
-            self._refuse(name[:64], "too many commands waiting; this one was dropped")
+            self._refuse(
+                name[:64], "too many commands waiting; this one was dropped", _part_id_of(payload)
+            )
 
     def command(self, name: str, part_id: str | None = None) -> None:
         """Queue a command as if it came over MQTT (from the page): pause, resume, trigger,
@@ -307,7 +326,7 @@ class Station:
         try:
             cmd = parse_command(name, payload, self.cfg.mqtt.command_token)
         except ValueError as exc:
-            self._refuse(name[:64], str(exc))
+            self._refuse(name[:64], str(exc), _part_id_of(payload))
             return None
         if name == "pause":
             self.paused = True
@@ -318,20 +337,19 @@ class Station:
         elif name == "reload":
             self.reload()
         elif name == "trigger":
+            assert isinstance(cmd, TriggerCommand)
             if self.cfg.trigger.mode != "triggered":
-                self._refuse(
-                    "trigger", 'the station is in free-run mode; set trigger.mode = "triggered"'
-                )
+                why = 'the station is in free-run mode; set trigger.mode = "triggered"'
+                self._refuse("trigger", why, cmd.part_id)
             elif self.paused:
-                self._refuse("trigger", "the station is paused")
+                self._refuse("trigger", "the station is paused", cmd.part_id)
             else:
-                assert isinstance(cmd, TriggerCommand)
                 return cmd
         return None
 
-    def _refuse(self, command: str, why: str) -> None:
+    def _refuse(self, command: str, why: str, part_id: str | None = None) -> None:
         if self.link:
-            self.link.publish_error(command, why)
+            self.link.publish_error(command, why, part_id)
 
     @property
     def previous_model(self) -> Path:
@@ -540,7 +558,8 @@ class Station:
             # After a failed reopen, "not open" would hide why: report the reason it failed.
             fault = SourceError(self._open_error) if self._open_error else exc
             if fresh:  # the controller waits for this part's verdict: say why none comes
-                self._refuse("trigger", f"no verdict for part {part_id or '(none)'}: {fault}")
+                why = f"no verdict for part {part_id or '(none)'}: {fault}"
+                self._refuse("trigger", why, part_id)
             self._source_failed(fault)
             return
         if self._source_failures:

@@ -55,7 +55,9 @@ _FORMATS: dict[str, Callable[[dict[str, Any]], str]] = {
     "backlog": _verdict,
     "stats": _stats,
     "state": _state,
-    "error": lambda e: f"{e['command']}: {e['error']}",
+    "error": lambda e: (
+        f"{e['command']}{' ' + e['part_id'] if e.get('part_id') else ''}: {e['error']}"
+    ),
 }
 
 

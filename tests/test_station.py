@@ -171,6 +171,7 @@ def test_pause_resume_and_reload_commands(
         ("shutdown", "{}", "unknown command"),
         ("pause", "x" * 5000, "over the 4096-byte limit"),
         ("trigger", "[" * 2000 + "]" * 2000, "nested too deeply"),
+        ("trigger/", "{}", "unknown command 'trigger/'"),  # one level too deep
     ],
 )
 def test_bad_commands_are_answered_on_error_and_change_nothing(
@@ -195,6 +196,35 @@ def test_bad_commands_are_answered_on_error_and_change_nothing(
     assert error in answer["error"]
     time.sleep(0.3)
     assert sub.on("verdict") == [] and not station.paused and station.status == "online"
+
+
+def test_retained_commands_are_not_acted_on_and_refusals_name_the_part(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    """A retained trigger would inspect a part that is not there at every start and every
+    reconnect; a retained pause would stop the line again after each broker blip."""
+    sub = subscribe("ret/#")
+    for name, payload in (("trigger", '{"part_id": "RET-1"}'), ("pause", "{}")):
+        sub.client.publish(f"ret/cmd/{name}", payload, qos=1, retain=True).wait_for_publish(5)
+    config = write_config(
+        tmp_path, model_file, replay, broker, "ret", trigger={"mode": "triggered"}
+    )
+    station = run_station(config)
+    sub.wait_for("status", lambda m: m.payload == b"online")
+    sub.client.publish("ret/cmd/trigger", b"", qos=1, retain=True).wait_for_publish(5)
+    time.sleep(1)
+    assert sub.on("verdict") == [] and not station.paused
+    # A refused trigger names its part, so the controller knows which one gets no verdict.
+    sub.publish("ret/cmd/trigger", '{"part_id": "A-77", "qty": 1}')
+    refused = sub.wait_for("error", lambda m: m.json()["command"] == "trigger").json()
+    assert refused["part_id"] == "A-77" and "unknown key 'qty'" in refused["error"]
+    sub.publish("ret/cmd/trigger", '{"part_id": "A-78"}')
+    assert sub.wait_for("verdict").json()["part_id"] == "A-78"
 
 
 def test_reload_of_a_broken_model_keeps_the_old_one(
