@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import logging
 import math
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -106,6 +108,27 @@ _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM records"
 _FLOAT_FIELDS = ("wall", "score", "threshold", "area", "capture_to_decision_ms", "inference_ms")
 
 
+def _claim(lock: Path, journal: Path) -> int:
+    """Hold an exclusive flock on `lock` (released when the process ends, however it ends);
+    raise JournalError naming the process that holds it already."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise JournalError(f"journal {journal} cannot be locked: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise JournalError(
+            f"journal {journal} is in use by another station (process {holder}); "
+            "each station needs a state_dir of its own"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Journal:
     """The SQLite journal of verdicts at `path`, safe to share between threads.
 
@@ -115,13 +138,18 @@ class Journal:
         publish(record.payload()); journal.mark_published(record.seq)
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writer: bool = False) -> None:
+        """writer=True: this process is the station that writes it, and no other may be, while
+        it is open (two stations on one journal publish each other's records)."""
         self.path = path
         self._lock = threading.Lock()
+        self._writer_lock: int | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise JournalError(f"journal {path} cannot be created: {e.strerror or e}") from None
+        if writer:
+            self._writer_lock = _claim(path.with_name(path.name + ".lock"), path)
         try:
             # Autocommit (isolation_level=None): one INSERT is one short transaction. WAL lets
             # another process (the CLI's export) read while the station writes; NORMAL sync
@@ -130,6 +158,7 @@ class Journal:
                 path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as e:
+            self._release()
             raise JournalError(f"journal {path} cannot be opened: {e}") from None
         try:
             mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -139,6 +168,7 @@ class Journal:
             self._migrate()
         except sqlite3.DatabaseError as e:
             self._conn.close()
+            self._release()
             if "not a database" in str(e):
                 raise JournalError(
                     f"journal {path} is not a SQLite database; move it aside to start a new one"
@@ -146,6 +176,7 @@ class Journal:
             raise JournalError(f"journal {path} cannot be opened: {e}") from None
         except JournalError:
             self._conn.close()
+            self._release()
             raise
 
     def _migrate(self) -> None:
@@ -373,6 +404,12 @@ class Journal:
         """Close the file; later calls raise JournalError."""
         with self._lock:
             self._conn.close()
+            self._release()
+
+    def _release(self) -> None:
+        if self._writer_lock is not None:
+            os.close(self._writer_lock)  # closing the descriptor ends its flock
+            self._writer_lock = None
 
     def _select(
         self, where: str, params: list[object], order: str, limit: int, action: str

@@ -176,7 +176,6 @@ class Station:
     def __init__(self, cfg: Config, source: FrameSource | None = None) -> None:
         self.cfg = cfg
         state = cfg.station.state_dir
-        self.journal = Journal(state / "journal.sqlite")
         self.store = FrameStore(
             state / "frames", int(cfg.storage.quota_mb * 1e6), cfg.storage.jpeg_quality
         )
@@ -205,16 +204,21 @@ class Station:
         self._candidates: queue.Queue[tuple[Model, tuple[int, int]] | str] = queue.Queue()
         st = cfg.model.path.stat()
         self._model_sig = self._seen_sig = (st.st_mtime_ns, st.st_size)
+        self.journal = Journal(state / "journal.sqlite", writer=True)
         self.link: Link | None = None
-        if cfg.mqtt.enabled:
-            self.link = Link(
-                cfg.mqtt, cfg.client_id, self._command_arrived, self.journal.mark_published
-            )
         self.web: Web | None = None
-        if cfg.web.enabled:
-            from edge.web import Web
+        try:
+            if cfg.mqtt.enabled:
+                self.link = Link(
+                    cfg.mqtt, cfg.client_id, self._command_arrived, self.journal.mark_published
+                )
+            if cfg.web.enabled:
+                from edge.web import Web
 
-            self.web = Web(self)
+                self.web = Web(self)
+        except BaseException:
+            self.journal.close()  # and with it the claim on the state folder
+            raise
 
     # --- called from other threads ---
 

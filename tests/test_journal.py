@@ -7,6 +7,8 @@ import io
 import json
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -317,3 +319,32 @@ def test_prune_deletes_old_delivered_records_oldest_first_in_batches(journal: Jo
     assert journal.prune(0.0, keep_last=30, keep_unpublished=False) == 10
     assert [r.seq for r in journal.recent(limit=1000)][-1] == records[70].seq
     assert journal.backlog() == 30
+
+
+def test_one_writer_at_a_time_and_readers_alongside(tmp_path: Path) -> None:
+    """Two stations on one state folder published each other's records: the second is refused,
+    naming the first; `records` (a reader) still works while a station runs."""
+    path = tmp_path / "journal.sqlite"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from edge.journal import Journal; "
+            f"j = Journal(Path({str(path)!r}), writer=True); print('open', flush=True); "
+            "sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        with pytest.raises(
+            JournalError, match=rf"in use by another station \(process {holder.pid}\)"
+        ):
+            Journal(path, writer=True)
+        assert Journal(path).counts()["total"] == 0
+    finally:
+        holder.communicate("", timeout=30)  # it ends, and its claim with it
+    Journal(path, writer=True).close()
+    Journal(path, writer=True).close()  # closing gives the claim back
