@@ -219,10 +219,20 @@ class Link:
         self.connected.set()
 
     def _disconnected(self, _c: mqtt.Client, ended: Any, _f: object, rc: Any, _p: object) -> None:
+        where = f"{self.cfg.host}:{self.cfg.port}"
         if self.connected.is_set() and not self._stopping.is_set():
-            log.warning(
-                "lost the broker %s:%s (%s); reconnecting", self.cfg.host, self.cfg.port, rc
+            log.warning("lost the broker %s (%s); reconnecting", where, rc)
+        elif not self._stopping.is_set() and "refused" not in (self.last_error or ""):
+            # The socket opened but no MQTT answer came: a web server on that port, say, or
+            # TLS on one side only. paho alone says little ("Received malformed packet").
+            tls = "with" if self.cfg.tls.enabled else "without"
+            error = (
+                f"{where} did not answer as an MQTT broker ({rc}); check the host and port, "
+                f"and that the broker expects a connection {tls} TLS (mqtt.tls)"
             )
+            if error != self.last_error:
+                log.warning("%s; retrying", error)
+            self.last_error = error
         self.connected.clear()
         if isinstance(ended, threading.Event):
             ended.set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -438,3 +439,51 @@ def test_a_password_file_missing_at_a_reconnect_is_retried_not_fatal(
         thread.join(15)
     warned = [r.getMessage() for r in all_logs.records if r.levelno >= logging.WARNING]
     assert any(f"mqtt password file {password}" in m for m in warned), warned
+
+
+def test_a_port_that_is_not_an_mqtt_broker_is_named(
+    tmp_path: Path,
+    parts_model: Path,
+    replay: Path,
+    all_logs: pytest.LogCaptureFixture,
+) -> None:
+    """A web server on the broker's port (or TLS on one side only): paho said nothing at the
+    default level, or only 'Received malformed packet'."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def answer_as_http() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=answer_as_http, daemon=True).start()
+    config = write_config(
+        tmp_path,
+        parts_model,
+        replay,
+        None,
+        "web",
+        mqtt={"enabled": True, "host": "127.0.0.1", "port": port, "reconnect_min_s": 0.2},
+    )
+    station = Station(load_config(config))
+    thread = threading.Thread(target=station.run, daemon=True)
+    thread.start()
+    try:
+        assert station.link is not None
+        assert wait_until(
+            lambda: "did not answer as an MQTT broker" in (station.link.last_error or ""), 20
+        )
+    finally:
+        station.stop()
+        thread.join(15)
+        server.close()
+    warned = [r.getMessage() for r in all_logs.records if r.levelno >= logging.WARNING]
+    named = [m for m in warned if f"127.0.0.1:{port} did not answer as an MQTT broker" in m]
+    assert len(named) == 1, warned  # once, not on every retry
+    assert "without TLS (mqtt.tls)" in named[0]
