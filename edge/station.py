@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -629,7 +630,10 @@ class Station:
                 raise
         log.warning("disk full: the oldest saved frames were deleted to keep the journal going")
         record = self.journal.append(**fields)
-        self._forget_evicted()
+        # The record is in: a failure to note the deleted frames must not make it look lost
+        # (its verdict would go out without its number, then again on the backlog).
+        with contextlib.suppress(JournalError):
+            self._forget_evicted()
         return record
 
     def _forget_evicted(self) -> None:
