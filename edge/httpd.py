@@ -7,6 +7,7 @@ headers (no sniffing, no framing, a strict Content-Security-Policy) unless it ov
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 64 * 1024
 MAX_CONNECTIONS = 64  # open page connections at once; more are closed as they come
 MAX_CLIENT_CONNECTIONS = 16  # ... and from one address (a browser opens about 6)
+# A request (head and body) must arrive within this: a client sending a header line every
+# few seconds would otherwise hold its connection, and its slot, for ever.
+REQUEST_DEADLINE_S = 60.0
 DEFAULT_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
@@ -162,6 +166,21 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = 30  # a client that stops sending loses its thread after this
 
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(REQUEST_DEADLINE_S, self._too_slow)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _too_slow(self) -> None:
+        """The request did not arrive in time: end the connection (its reads see the end)."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
+
     def do_GET(self) -> None:
         self._answer("GET")
 
@@ -187,6 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("request %s %s failed", method, url.path)
             reply = json_reply({"error": "the station failed to answer; see its log"}, 500)
+        self._deadline.cancel()  # the request is in; a big reply may take its time
         self._send(reply)
 
     def _read_body(self, limit: int) -> bytes:
@@ -195,10 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self.headers.get("Transfer-Encoding"):
                 raise HttpError(411, "send the body with a Content-Length")
             return b""
-        try:
-            size = int(length)
-        except ValueError:
-            size = -1
+        size = int(length) if length.isascii() and length.isdigit() else -1  # not "+5", "1_0"
         if size < 0:
             self.close_connection = True
             raise HttpError(400, "Content-Length is not a number of bytes")

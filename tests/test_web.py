@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from conftest import Broker, write_config
 
+from edge import httpd
 from edge.access import Sessions, hash_password
 from edge.config import ConfigError, parse_config
 from edge.images import FORMATS
@@ -455,6 +456,36 @@ def test_bad_bodies_and_connection_floods_are_refused(start_page: StartPage) -> 
     for conn in idle:
         conn.close()
     wait_until(lambda: _status_or_none(page) == 200, what="the page again")
+
+
+def test_a_request_that_never_finishes_loses_its_connection(
+    start_page: StartPage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header line every few seconds kept a connection (and its slot) open for ever: four
+    addresses could lock the operator out of the page without a login."""
+    monkeypatch.setattr(httpd, "REQUEST_DEADLINE_S", 1.0)
+    _station, page = start_page()
+    start = time.monotonic()
+    with _raw(page.port, b"GET /api/status HTTP/1.1\r\n") as conn:
+        closed = False
+        while not closed and time.monotonic() - start < 10:
+            try:
+                conn.sendall(b"X-Slow: 1\r\n")
+                conn.settimeout(0.3)
+                closed = conn.recv(100) == b""
+            except TimeoutError:
+                pass
+            except OSError:
+                closed = True
+    assert closed and time.monotonic() - start < 5
+    page.start()
+    for length in ("+2", "0_2", "0x2"):  # int() would take the first two
+        head = (
+            f"POST /api/dataset/capture HTTP/1.0\r\nHost: 127.0.0.1:{page.port}\r\n"
+            f"X-CSRF-Token: {page.csrf}\r\nContent-Length: {length}\r\n\r\n"
+        )
+        with _raw(page.port, head.encode() + b"{}") as conn:
+            assert conn.recv(200).startswith(b"HTTP/1.0 400"), length
 
 
 def _status_or_none(page: Page) -> int | None:
