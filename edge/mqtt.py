@@ -59,6 +59,19 @@ def secure(client: mqtt.Client, cfg: MqttConfig) -> None:
         client.tls_insecure_set(cfg.tls.insecure)
 
 
+def part_id_of(payload: bytes) -> str | None:
+    """The part id a refused trigger carried, if one can be read, so the controller knows which
+    part gets no verdict; None otherwise (it is only echoed, never acted on)."""
+    try:
+        doc = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    part = doc.get("part_id") if isinstance(doc, dict) else None
+    if isinstance(part, str) and 0 < len(part) <= 128 and part.isprintable():
+        return part
+    return None
+
+
 class Link:
     """The station's MQTT connection, kept up with reconnect back-off by a thread of its own.
 
@@ -279,6 +292,7 @@ class Link:
                 self.publish_error(
                     name[:64],
                     "retained commands are ignored; clear it with an empty retained message",
+                    part_id_of(bytes(msg.payload)),
                 )
             return
         self._on_command(name, bytes(msg.payload))

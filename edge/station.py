@@ -26,7 +26,7 @@ from edge.detection import Detection
 from edge.files import write_atomically
 from edge.journal import Journal, JournalError, Record
 from edge.model import Model, ModelError
-from edge.mqtt import COMMANDS, Link
+from edge.mqtt import COMMANDS, Link, part_id_of
 from edge.overlay import draw_overlay
 from edge.sources import Frame, FrameSource, SourceEnded, SourceError, open_source
 from edge.storage import FrameStore
@@ -94,17 +94,10 @@ def parse_command(name: str, payload: bytes, token: str | None) -> _Command:
         raise ValueError(f"{where!r}: {err['msg']}") from None
 
 
-def _part_id_of(payload: bytes) -> str | None:
-    """The part id a refused trigger carried, if one can be read, so the controller knows which
-    part gets no verdict; None otherwise (it is only echoed, never acted on)."""
-    try:
-        doc = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    part = doc.get("part_id") if isinstance(doc, dict) else None
-    if isinstance(part, str) and 0 < len(part) <= 128 and part.isprintable():
-        return part
-    return None
+def _sizes_differ(a: Model, b: Model) -> bool:
+    """Both models take one image size, and not the same one (a model for any size fits)."""
+    ha, hb = a.meta.image_hw, b.meta.image_hw
+    return ha is not None and hb is not None and ha != hb
 
 
 @dataclass
@@ -196,6 +189,7 @@ class Station:
         self._source_failures = 0
         self._open_error = ""  # why the source last failed to open, until it opens
         self._journal_failed = False
+        self._paths_failing = False
         self._told: tuple[str, str, str] | None = None  # status, reason, model last published
         self._loader: threading.Thread | None = None
         self._loader_lock = threading.Lock()
@@ -232,7 +226,7 @@ class Station:
             self.commands.put_nowait((name, payload))
         except queue.Full:
             self._refuse(
-                name[:64], "too many commands waiting; this one was dropped", _part_id_of(payload)
+                name[:64], "too many commands waiting; this one was dropped", part_id_of(payload)
             )
 
     def command(self, name: str, part_id: str | None = None) -> None:
@@ -331,7 +325,7 @@ class Station:
         try:
             cmd = parse_command(name, payload, self.cfg.mqtt.command_token)
         except ValueError as exc:
-            self._refuse(name[:64], str(exc), _part_id_of(payload))
+            self._refuse(name[:64], str(exc), part_id_of(payload))
             return None
         if name == "pause":
             self.paused = True
@@ -398,13 +392,13 @@ class Station:
             )
             if reference is not None:
                 model.run(reference)
-            elif model.meta.image_hw != self.model.meta.image_hw:
+            elif _sizes_differ(model, self.model):
                 # No frame yet (a triggered station before its first trigger): nothing shows
-                # which size the camera gives, so the size the running model takes stays.
+                # which size the camera gives, so the running model's size stays.
                 raise ModelError(
-                    f"model {model.path.name} takes {model.meta.image_size} images and "
-                    f"{self.model.path.name} {self.model.meta.image_size}; no camera frame has "
-                    "come yet to show which is right"
+                    f"the new model takes {model.meta.image_size} images and the running one "
+                    f"{self.model.meta.image_size}; no camera frame has come yet to show which "
+                    "is right"
                 )
             if install is not None:
                 data = install.read_bytes()
@@ -655,6 +649,10 @@ class Station:
             self._forget_evicted()
             if paths[0] is not None:
                 self.journal.set_paths(record.seq, *paths)
-        except JournalError as exc:  # the verdict is out already; the frame stays on disk
-            self._journal_failed = True
-            self._set_status("degraded", str(exc))
+            self._paths_failing = False
+        except JournalError as exc:
+            # The verdict is journalled and out; only where its picture lies is not noted. Not
+            # a status change: on a full disk it comes and goes with every frame.
+            if not self._paths_failing:
+                log.warning("saved frames may be missing from the journal: %s", exc)
+            self._paths_failing = True

@@ -564,6 +564,37 @@ def test_frames_of_another_size_degrade_the_station_until_the_right_model_comes(
     assert sub.wait_for("verdict").json()["part_id"] == "A-9"
 
 
+def test_a_model_for_any_size_is_taken_before_the_first_frame(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    parts: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    from edge.images import read_image
+    from edge.train import train
+
+    mixed = tmp_path / "mixed" / "normal"
+    mixed.mkdir(parents=True)
+    for i, p in enumerate(sorted((parts / "train" / "normal").iterdir())[:10]):
+        image = read_image(p)
+        cv2.imwrite(str(mixed / p.name), image[: image.shape[0] - 8 * (i % 2)])
+    train(mixed.parent, tmp_path / "any.onnx")
+    assert Model(tmp_path / "any.onnx").meta.image_size == "any"
+    sub = subscribe("any/#")
+    config = write_config(
+        tmp_path, model_file, replay, broker, "any", trigger={"mode": "triggered"}
+    )
+    station = run_station(config)
+    sub.wait_for("status", lambda m: m.payload == b"online")
+    _replace(model_file, tmp_path / "any.onnx")
+    new_id = Model(tmp_path / "any.onnx").id
+    sub.wait_for("state", lambda m: m.json().get("model_id") == new_id, timeout=20)
+    assert station.stats.frames == 0 and sub.on("error") == []
+
+
 def _replace(path: Path, new: Path) -> None:
     """Put `new` in place of `path` in one step, as an installer would."""
     shutil.copy(new, path.with_name("incoming.tmp"))
