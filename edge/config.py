@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -123,7 +124,7 @@ class TLSConfig(_Section):
         return self
 
     def check_files(self) -> None:
-        """Raise ConfigError naming a certificate or key file that cannot be read."""
+        """Raise ConfigError naming a certificate or key file that cannot be read or used."""
         for key in ("ca_file", "cert_file", "key_file"):
             path = getattr(self, key)
             if path is None:
@@ -132,6 +133,21 @@ class TLSConfig(_Section):
                 path.read_bytes()
             except OSError as exc:
                 raise ConfigError([f"mqtt.tls.{key} {path}: {exc.strerror or exc}"]) from None
+        context = ssl.create_default_context()
+        try:
+            if self.ca_file:
+                context.load_verify_locations(cafile=self.ca_file)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                [f"mqtt.tls.ca_file {self.ca_file}: not a CA certificate ({exc})"]
+            ) from None
+        try:
+            if self.cert_file:
+                context.load_cert_chain(self.cert_file, self.key_file)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                [f"mqtt.tls.cert_file {self.cert_file}: no certificate and key pair ({exc})"]
+            ) from None
 
 
 class MqttConfig(_Section):

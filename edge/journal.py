@@ -117,12 +117,18 @@ def _claim(lock: Path, journal: Path) -> int:
         raise JournalError(f"journal {journal} cannot be locked: {e.strerror or e}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise JournalError(
             f"journal {journal} is in use by another station (process {holder}); "
             "each station needs a state_dir of its own"
+        ) from None
+    except OSError as e:
+        os.close(fd)
+        raise JournalError(
+            f"journal {journal} cannot be locked: {e.strerror or e} "
+            "(put state_dir on a local file system)"
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -106,6 +106,7 @@ class Link:
         self.connects = 0
         self.last_error: str | None = None
         self._stopping = threading.Event()
+        self._refused = False
         self._v5 = cfg.protocol == "5"
         self._thread: threading.Thread | None = None
         self.client = self._new_client()
@@ -145,6 +146,7 @@ class Link:
         where = f"{self.cfg.host}:{self.cfg.port}"
         client: mqtt.Client | None = self.client
         while not self._stopping.is_set():
+            self._refused = False  # set by _connected when the broker answers "no"
             try:
                 if client is None:  # the password or a certificate is read again: it may fail
                     client = self._new_client()
@@ -204,6 +206,7 @@ class Link:
 
     def _connected(self, client: mqtt.Client, _u: object, _f: object, rc: Any, _p: object) -> None:
         if rc.is_failure:
+            self._refused = True
             error = f"broker {self.cfg.host}:{self.cfg.port} refused the connection: {rc}"
             if error != self.last_error:  # once per change, not on every retry
                 log.error("%s", error)
@@ -235,7 +238,7 @@ class Link:
         where = f"{self.cfg.host}:{self.cfg.port}"
         if self.connected.is_set() and not self._stopping.is_set():
             log.warning("lost the broker %s (%s); reconnecting", where, rc)
-        elif not self._stopping.is_set() and "refused" not in (self.last_error or ""):
+        elif not self._stopping.is_set() and not self._refused:
             # The socket opened but no MQTT answer came: a web server on that port, say, or
             # TLS on one side only. paho alone says little ("Received malformed packet").
             tls = "with" if self.cfg.tls.enabled else "without"

@@ -34,7 +34,11 @@ MODEL_FILE = "model.onnx"
 SUMMARY_FILE = "summary.json"
 
 
-class TrainerBusy(RuntimeError):
+class TrainerError(RuntimeError):
+    """Training cannot start; the message says why."""
+
+
+class TrainerBusy(TrainerError):
     """A training run is already going."""
 
 
@@ -64,7 +68,9 @@ class Trainer:
         left = [p for p in self.workdir.iterdir() if p.name.startswith((".run-", ".gone-"))]
         for folder in left:
             shutil.rmtree(folder, ignore_errors=True)
-        if any(p.name.startswith(".run-") for p in left):
+            if folder.exists():
+                log.warning("cannot remove %s, left by an earlier training", folder)
+        if any(p.name.startswith(".run-") and not p.exists() for p in left):
             why = "the last training did not finish: the station stopped during it"
             log.warning("%s", why)
             self._state = {"state": "idle", "error": why}
@@ -95,7 +101,12 @@ class Trainer:
         with self._lock:
             if self._proc is not None:
                 raise TrainerBusy("a model is being trained already")
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.workdir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TrainerError(
+                    f"training folder {self.workdir} cannot be made: {exc.strerror or exc}"
+                ) from None
             out = self.workdir / f".run-{os.getpid()}-{time.monotonic_ns()}"
             cmd = [sys.executable, "-m", "edge.trainjob", str(self.dataset), str(out)]
             cmd += ["--running", str(running_model)]

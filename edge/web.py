@@ -32,7 +32,7 @@ from edge.journal import Record
 from edge.model import Model, ModelError
 from edge.overlay import draw_preview
 from edge.train import MIN_NORMAL
-from edge.trainjob import Trainer, TrainerBusy
+from edge.trainjob import Trainer, TrainerBusy, TrainerError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -457,6 +457,8 @@ class Web:
             self.trainer.start(self.station.cfg.model.path)
         except TrainerBusy as exc:
             raise HttpError(409, str(exc)) from None
+        except TrainerError as exc:
+            raise HttpError(500, str(exc)) from None
         return json_reply(self.trainer.state(), 202)
 
     def _cancel(self, req: Request, m: re.Match[str]) -> Reply:

@@ -348,3 +348,19 @@ def test_one_writer_at_a_time_and_readers_alongside(tmp_path: Path) -> None:
         holder.communicate("", timeout=30)  # it ends, and its claim with it
     Journal(path, writer=True).close()
     Journal(path, writer=True).close()  # closing gives the claim back
+
+
+def test_a_file_system_without_locks_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a lock held elsewhere means another station. An NFS mount without a lock daemon
+    (which cannot be made here, so flock is made to fail as it does there) is another fault."""
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(JournalError, match=r"cannot be locked: No locks available \(put state_dir"):
+        Journal(tmp_path / "journal.sqlite", writer=True)

@@ -448,11 +448,12 @@ def test_a_port_that_is_not_an_mqtt_broker_is_named(
     all_logs: pytest.LogCaptureFixture,
 ) -> None:
     """A web server on the broker's port (or TLS on one side only): paho said nothing at the
-    default level, or only 'Received malformed packet'."""
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
+    default level, or only 'Received malformed packet'. It starts after the station, as at
+    boot, so the station has seen 'Connection refused' first."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
 
-    def answer_as_http() -> None:
+    def answer_as_http(server: socket.socket) -> None:
         while True:
             try:
                 conn, _ = server.accept()
@@ -462,7 +463,6 @@ def test_a_port_that_is_not_an_mqtt_broker_is_named(
                 conn.recv(1024)
                 conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
 
-    threading.Thread(target=answer_as_http, daemon=True).start()
     config = write_config(
         tmp_path,
         parts_model,
@@ -474,15 +474,20 @@ def test_a_port_that_is_not_an_mqtt_broker_is_named(
     station = Station(load_config(config))
     thread = threading.Thread(target=station.run, daemon=True)
     thread.start()
+    server: socket.socket | None = None
     try:
         assert station.link is not None
+        assert wait_until(lambda: "refused" in (station.link.last_error or ""), 20)
+        server = socket.create_server(("127.0.0.1", port))
+        threading.Thread(target=answer_as_http, args=(server,), daemon=True).start()
         assert wait_until(
             lambda: "did not answer as an MQTT broker" in (station.link.last_error or ""), 20
         )
     finally:
         station.stop()
         thread.join(15)
-        server.close()
+        if server is not None:
+            server.close()
     warned = [r.getMessage() for r in all_logs.records if r.levelno >= logging.WARNING]
     named = [m for m in warned if f"127.0.0.1:{port} did not answer as an MQTT broker" in m]
     assert len(named) == 1, warned  # once, not on every retry

@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import Broker, Subscriber, write_config
+from conftest import Broker, Certificates, Subscriber, write_config
 
 from edge.config import load_config
 from edge.journal import Journal
@@ -321,7 +321,9 @@ def test_station_tells_systemd_it_is_ready_and_alive(
     assert proc.returncode == 0
 
 
-def test_check_config_names_every_problem_and_exits_78(tmp_path: Path) -> None:
+def test_check_config_names_every_problem_and_exits_78(
+    tmp_path: Path, certificates: Certificates
+) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(
         '[station]\nbudgt_ms = 5\n[model]\npath = "m.onnx"\nthreads = 0\n'
@@ -369,7 +371,15 @@ def test_check_config_names_every_problem_and_exits_78(tmp_path: Path) -> None:
     )
     assert r.returncode == 78
     assert f"mqtt.tls.ca_file {tmp_path / 'ca.crt'}: No such file or directory" in r.stderr
-    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")  # `run` would refuse it
+    r = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "check-config", str(example)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 78 and f"ca_file {tmp_path / 'ca.crt'}: not a CA certificate" in r.stderr
+    shutil.copy(certificates.ca, tmp_path / "ca.crt")
     r = subprocess.run(
         [sys.executable, "-m", "edge.cli", "check-config", str(example)],
         capture_output=True,

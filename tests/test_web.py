@@ -679,6 +679,17 @@ def test_training_can_be_cancelled(start_page: StartPage, parts: Path) -> None:
     assert list((station.cfg.station.state_dir / "training").iterdir()) == []
 
 
+def test_a_training_folder_that_cannot_be_made_is_named(start_page: StartPage, parts: Path) -> None:
+    station, page = start_page()
+    page.start()
+    _fill_dataset(page, parts)
+    work = station.cfg.station.state_dir / "training"
+    work.write_text("a file where the folder should be")
+    status, err = page.post("/api/training/start")
+    assert status == 500 and err["error"].startswith(f"training folder {work} cannot be made")
+    assert page.get("/api/training")[1]["state"] == "idle"
+
+
 def test_a_station_stopped_during_training_leaves_no_run_behind(
     start_page: StartPage, parts: Path
 ) -> None:
