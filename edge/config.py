@@ -104,6 +104,12 @@ class TriggerConfig(_Section):
     )
 
 
+def _no_passphrase() -> bytes:
+    raise ValueError(
+        "the key is encrypted; give a key without a passphrase, readable only by the service"
+    )
+
+
 class TLSConfig(_Section):
     enabled: bool = Field(False, description="Connect with TLS")
     ca_file: Path | None = Field(
@@ -142,8 +148,8 @@ class TLSConfig(_Section):
                 [f"mqtt.tls.ca_file {self.ca_file}: not a CA certificate ({exc})"]
             ) from None
         try:
-            if self.cert_file:
-                context.load_cert_chain(self.cert_file, self.key_file)
+            if self.cert_file:  # never a passphrase prompt: a service has no one to answer it
+                context.load_cert_chain(self.cert_file, self.key_file, password=_no_passphrase)
         except (ssl.SSLError, ValueError) as exc:
             raise ConfigError(
                 [f"mqtt.tls.cert_file {self.cert_file}: no certificate and key pair ({exc})"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import Certificates
 
-from edge.config import ConfigError, load_config, parse_config
+from edge.config import ConfigError, TLSConfig, load_config, parse_config
 
 GOOD = '[model]\npath = "m.onnx"\n[source]\nkind = "folder"\npath = "frames"\n'
 
@@ -94,3 +96,45 @@ def test_password_comes_from_a_file_or_a_systemd_credential(
     (tmp_path / "mqtt-password").write_text("from-systemd")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     assert cred.mqtt.password() == "from-systemd"
+
+
+def test_tls_files_are_checked_as_the_station_would_use_them(
+    tmp_path: Path, certificates: Certificates
+) -> None:
+    """check-config said "valid" for a CA file holding no certificate, which `run` refused."""
+    good = TLSConfig(
+        enabled=True,
+        ca_file=certificates.ca,
+        cert_file=certificates.server_cert,
+        key_file=certificates.server_key,
+    )
+    good.check_files()
+    garbage = tmp_path / "ca.crt"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=rf"ca_file {garbage}: not a CA certificate"):
+        TLSConfig(enabled=True, ca_file=garbage).check_files()
+    mismatched = TLSConfig(
+        enabled=True, cert_file=certificates.server_cert, key_file=certificates.misnamed_key
+    )
+    with pytest.raises(ConfigError, match="no certificate and key pair"):
+        mismatched.check_files()
+    # An encrypted key would make OpenSSL ask for a passphrase on a terminal a service lacks.
+    locked = tmp_path / "locked.key"
+    subprocess.run(
+        [
+            "openssl",
+            "pkey",
+            "-in",
+            str(certificates.server_key),
+            "-out",
+            str(locked),
+            "-aes256",
+            "-passout",
+            "pass:secret",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    encrypted = TLSConfig(enabled=True, cert_file=certificates.server_cert, key_file=locked)
+    with pytest.raises(ConfigError, match="the key is encrypted"):
+        encrypted.check_files()
