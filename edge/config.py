@@ -150,7 +150,7 @@ class TLSConfig(_Section):
         try:
             if self.cert_file:  # never a passphrase prompt: a service has no one to answer it
                 context.load_cert_chain(self.cert_file, self.key_file, password=_no_passphrase)
-        except (ssl.SSLError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise ConfigError(
                 [f"mqtt.tls.cert_file {self.cert_file}: no certificate and key pair ({exc})"]
             ) from None

@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 64 * 1024
 MAX_CONNECTIONS = 64  # open page connections at once; more are closed as they come
 MAX_CLIENT_CONNECTIONS = 16  # ... and from one address (a browser opens about 6)
-# A request (head and body) must arrive within this: a client sending a header line every
-# few seconds would otherwise hold its connection, and its slot, for ever.
+# A request's head must arrive within this, and its body within this plus a second for every
+# MIN_BODY_RATE bytes: a client sending a header line (or a byte) every few seconds would
+# otherwise hold its connection, and its slot, for ever.
 REQUEST_DEADLINE_S = 60.0
+MIN_BODY_RATE = 10_000  # bytes a second
 DEFAULT_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
@@ -168,17 +170,31 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self._deadline = threading.Timer(REQUEST_DEADLINE_S, self._too_slow)
-        self._deadline.daemon = True
-        self._deadline.start()
+        self._deadline: threading.Timer | None = None
+        self._arm(REQUEST_DEADLINE_S)
+
+    def _arm(self, seconds: float | None) -> None:
+        """End the connection unless what is being read arrives within `seconds` (None: stop
+        the clock, as when the request is in and the application works on it)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = None
+        if seconds is not None:
+            self._deadline = threading.Timer(seconds, self._too_slow)
+            self._deadline.daemon = True
+            self._deadline.start()
 
     def _too_slow(self) -> None:
-        """The request did not arrive in time: end the connection (its reads see the end)."""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # its reads see the end of the stream
             self.connection.shutdown(socket.SHUT_RDWR)
 
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self._arm(None)  # the head is in
+        return ok
+
     def finish(self) -> None:
-        self._deadline.cancel()
+        self._arm(None)
         super().finish()
 
     def do_GET(self) -> None:
@@ -206,7 +222,6 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("request %s %s failed", method, url.path)
             reply = json_reply({"error": "the station failed to answer; see its log"}, 500)
-        self._deadline.cancel()  # the request is in; a big reply may take its time
         self._send(reply)
 
     def _read_body(self, limit: int) -> bytes:
@@ -215,6 +230,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self.headers.get("Transfer-Encoding"):
                 raise HttpError(411, "send the body with a Content-Length")
             return b""
+        length = length.strip()
         size = int(length) if length.isascii() and length.isdigit() else -1  # not "+5", "1_0"
         if size < 0:
             self.close_connection = True
@@ -224,7 +240,15 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(
                 413, f"the upload has {size} bytes, more than the limit of {limit} bytes"
             )
-        return self.rfile.read(size)
+        self._arm(REQUEST_DEADLINE_S + size / MIN_BODY_RATE)
+        try:
+            body = self.rfile.read(size)
+        finally:
+            self._arm(None)
+        if len(body) < size:  # too slow, or the client gave up: nothing half-received is used
+            self.close_connection = True
+            raise HttpError(400, f"the request body ended after {len(body)} of {size} bytes")
+        return body
 
     def _send(self, reply: Reply) -> None:
         try:

@@ -94,10 +94,10 @@ def parse_command(name: str, payload: bytes, token: str | None) -> _Command:
         raise ValueError(f"{where!r}: {err['msg']}") from None
 
 
-def _sizes_differ(a: Model, b: Model) -> bool:
-    """Both models take one image size, and not the same one (a model for any size fits)."""
-    ha, hb = a.meta.image_hw, b.meta.image_hw
-    return ha is not None and hb is not None and ha != hb
+def _takes_what_runs(new: Model, running: Model) -> bool:
+    """The new model takes every image size the running one does: it takes any size, or the
+    same one. (Before a first frame nothing else shows which size the camera gives.)"""
+    return new.meta.image_hw is None or new.meta.image_hw == running.meta.image_hw
 
 
 @dataclass
@@ -392,7 +392,7 @@ class Station:
             )
             if reference is not None:
                 model.run(reference)
-            elif _sizes_differ(model, self.model):
+            elif not _takes_what_runs(model, self.model):
                 # No frame yet (a triggered station before its first trigger): nothing shows
                 # which size the camera gives, so the running model's size stays.
                 raise ModelError(

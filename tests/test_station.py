@@ -580,6 +580,7 @@ def test_a_model_for_any_size_is_taken_before_the_first_frame(
     replay: Path,
     parts: Path,
     broker: Broker,
+    other_models: dict[str, Path],
     subscribe: Callable[[str], Subscriber],
     run_station: Callable[[Path], Station],
 ) -> None:
@@ -603,6 +604,11 @@ def test_a_model_for_any_size_is_taken_before_the_first_frame(
     new_id = Model(tmp_path / "any.onnx").id
     sub.wait_for("state", lambda m: m.json().get("model_id") == new_id, timeout=20)
     assert station.stats.frames == 0 and sub.on("error") == []
+    # ...but not the other way: nothing yet shows that the camera gives 120x90 frames.
+    _replace(model_file, other_models["small"])
+    refused = sub.wait_for("error", timeout=20).json()["error"]
+    assert "the new model takes 120x90 images and the running one any" in refused
+    assert station.model.id == new_id
 
 
 def _replace(path: Path, new: Path) -> None:

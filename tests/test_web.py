@@ -478,7 +478,26 @@ def test_a_request_that_never_finishes_loses_its_connection(
             except OSError:
                 closed = True
     assert closed and time.monotonic() - start < 5
+    # The same for a body sent a byte at a time: it has its deadline, by its length.
+    monkeypatch.setattr(httpd, "MIN_BODY_RATE", 10**9)
     page.start()
+    head = (
+        f"POST /api/dataset/capture HTTP/1.0\r\nHost: 127.0.0.1:{page.port}\r\n"
+        f"X-CSRF-Token: {page.csrf}\r\nContent-Length: 1000\r\n\r\n"
+    )
+    start = time.monotonic()
+    with _raw(page.port, head.encode()) as conn:
+        answer = b""
+        while not answer and time.monotonic() - start < 10:
+            try:
+                conn.sendall(b" ")
+                conn.settimeout(0.3)
+                answer = conn.recv(200) or b"closed"
+            except TimeoutError:
+                pass
+            except OSError:
+                answer = b"closed"
+    assert answer and time.monotonic() - start < 5
     for length in ("+2", "0_2", "0x2"):  # int() would take the first two
         head = (
             f"POST /api/dataset/capture HTTP/1.0\r\nHost: 127.0.0.1:{page.port}\r\n"
