@@ -407,6 +407,7 @@ def test_a_password_file_missing_at_a_reconnect_is_retried_not_fatal(
     tls_broker: TLSBroker,
     all_logs: pytest.LogCaptureFixture,
     tls_subscribe: Callable[[str], TLSSubscriber],
+    run_station: Callable[[Path], Station],
 ) -> None:
     """A password or CA being replaced (not in one rename) when the broker restarts: the
     link thread used to die, and the station inspected on without ever reconnecting."""
@@ -419,26 +420,20 @@ def test_a_password_file_missing_at_a_reconnect_is_retried_not_fatal(
         mqtt={"reconnect_min_s": 0.2, "reconnect_max_s": 0.5},
     )
     password = tmp_path / "secrets" / PASSWORD_NAME
-    station = Station(load_config(config))
-    thread = threading.Thread(target=station.run, daemon=True)
-    thread.start()
-    try:
-        assert station.link is not None
-        assert wait_until(station.link.connected.is_set, 20)
-        password.rename(password.with_name("being-replaced"))
-        tls_broker.stop()
-        tls_broker.start()
-        assert wait_until(lambda: "password file" in (station.link.last_error or ""), 20)
-        assert station.link._thread is not None and station.link._thread.is_alive()
-        password.with_name("being-replaced").rename(password)
-        sub = tls_subscribe("rotate/#")
-        sub.wait_for("status", lambda m: m.payload == b"online", timeout=20)
-        assert station.link.connects == 2
-    finally:
-        station.stop()
-        thread.join(15)
+    station = run_station(config)
+    assert station.link is not None
+    assert wait_until(station.link.connected.is_set, 20)
+    password.rename(password.with_name("being-replaced"))
+    tls_broker.stop()
+    tls_broker.start()
+    assert wait_until(lambda: "password file" in (station.link.last_error or ""), 20)
+    assert station.link._thread is not None and station.link._thread.is_alive()
     warned = [r.getMessage() for r in all_logs.records if r.levelno >= logging.WARNING]
     assert any(f"mqtt password file {password}" in m for m in warned), warned
+    password.with_name("being-replaced").rename(password)
+    sub = tls_subscribe("rotate/#")
+    sub.wait_for("status", lambda m: m.payload == b"online", timeout=20)
+    assert station.link.connects == 2
 
 
 def test_a_port_that_is_not_an_mqtt_broker_is_named(
@@ -446,6 +441,7 @@ def test_a_port_that_is_not_an_mqtt_broker_is_named(
     parts_model: Path,
     replay: Path,
     all_logs: pytest.LogCaptureFixture,
+    run_station: Callable[[Path], Station],
 ) -> None:
     """A web server on the broker's port (or TLS on one side only): paho said nothing at the
     default level, or only 'Received malformed packet'. It starts after the station, as at
@@ -471,23 +467,14 @@ def test_a_port_that_is_not_an_mqtt_broker_is_named(
         "web",
         mqtt={"enabled": True, "host": "127.0.0.1", "port": port, "reconnect_min_s": 0.2},
     )
-    station = Station(load_config(config))
-    thread = threading.Thread(target=station.run, daemon=True)
-    thread.start()
-    server: socket.socket | None = None
-    try:
-        assert station.link is not None
-        assert wait_until(lambda: "refused" in (station.link.last_error or ""), 20)
-        server = socket.create_server(("127.0.0.1", port))
+    station = run_station(config)
+    assert station.link is not None
+    assert wait_until(lambda: "refused" in (station.link.last_error or ""), 20)
+    with socket.create_server(("127.0.0.1", port)) as server:
         threading.Thread(target=answer_as_http, args=(server,), daemon=True).start()
         assert wait_until(
             lambda: "did not answer as an MQTT broker" in (station.link.last_error or ""), 20
         )
-    finally:
-        station.stop()
-        thread.join(15)
-        if server is not None:
-            server.close()
     warned = [r.getMessage() for r in all_logs.records if r.levelno >= logging.WARNING]
     named = [m for m in warned if f"127.0.0.1:{port} did not answer as an MQTT broker" in m]
     assert len(named) == 1, warned  # once, not on every retry
