@@ -492,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from edge.journal import JournalError
     from edge.model import ModelError
     from edge.sources import SourceError
-    from edge.train import TrainError
+    from edge.train import OptionError, TrainError
 
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -506,6 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"edge-inspect: {problem}", file=sys.stderr)
         return EX_CONFIG
+    except OptionError as exc:
+        print(f"edge-inspect: {exc}", file=sys.stderr)
+        return EX_USAGE
     except (ImageError, ModelError, TrainError) as exc:
         missing = "does not exist" in str(exc)
         print(f"edge-inspect: {exc}", file=sys.stderr)

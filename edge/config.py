@@ -24,8 +24,26 @@ else:  # pragma: no cover
     import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
 
 
+class _NotANumber:
+    """Stands in for true/false given to a key that is not yes/no, so that validation fails
+    there with that key's own message: pydantic reads `threads = true` as 1 thread otherwise."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_true_for_numbers(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: _NotANumber()
+            if isinstance(value, bool) and key in fields and fields[key].annotation is not bool
+            else value
+            for key, value in data.items()
+        }
 
 
 class StationConfig(_Section):

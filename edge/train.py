@@ -44,6 +44,10 @@ class TrainError(ValueError):
     """Training data or options that cannot make a model; the message says which and why."""
 
 
+class OptionError(TrainError):
+    """An option value that cannot be used, whatever the images (the command line's fault)."""
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """How to build a model. `roi` is (x, y, w, h) in camera pixels."""
@@ -92,7 +96,7 @@ class _Checks:
             if self.roi is not None:
                 x, y, w, h = self.roi
                 if w < 16 or h < 16:
-                    raise TrainError(f"ROI {self.roi} is smaller than 16x16 pixels")
+                    raise OptionError(f"ROI {self.roi} is smaller than 16x16 pixels")
                 if x < 0 or y < 0 or x + w > hw[1] or y + h > hw[0]:
                     raise TrainError(f"ROI {self.roi} does not fit in the {hw[1]}x{hw[0]} images")
         elif hw != self.first[1]:
@@ -221,25 +225,25 @@ def train(
     """
     start = time.monotonic()
     if output.suffix.lower() != ".onnx":
-        raise TrainError(f"model file name {output} must end in .onnx")
+        raise OptionError(f"model file name {output} must end in .onnx")
     if output.exists() and not output.is_file():  # found now, not after minutes of training
         raise TrainError(f"model file {output} exists and is not a file")
     if not 0 < opts.false_reject_rate < 0.5:
-        raise TrainError(
+        raise OptionError(
             f"false-reject rate {100 * opts.false_reject_rate:g} % must be between 0 and 50 %"
         )
     if not 0 <= opts.threads <= MAX_THREADS:
-        raise TrainError(f"threads {opts.threads} must be between 0 (all cores) and {MAX_THREADS}")
+        raise OptionError(f"threads {opts.threads} must be between 0 (all cores) and {MAX_THREADS}")
     if opts.size % 16 or not 64 <= opts.size <= 1024:
-        raise TrainError(f"input size {opts.size} must be a multiple of 16 between 64 and 1024")
+        raise OptionError(f"input size {opts.size} must be a multiple of 16 between 64 and 1024")
     if opts.augment < 0:
-        raise TrainError(f"augment {opts.augment} must be 0 or more copies")
+        raise OptionError(f"augment {opts.augment} must be 0 or more copies")
     if not 0 <= opts.shift <= 0.2:
-        raise TrainError(f"shift {100 * opts.shift:g} % must be between 0 and 20 %")
+        raise OptionError(f"shift {100 * opts.shift:g} % must be between 0 and 20 %")
     if not 0 <= opts.rotate_deg <= 45:
-        raise TrainError(f"rotation {opts.rotate_deg:g} degrees must be between 0 and 45")
+        raise OptionError(f"rotation {opts.rotate_deg:g} degrees must be between 0 and 45")
     if opts.augment == 0 and (opts.rotate_deg or opts.shift != TrainOptions.shift):
-        raise TrainError(
+        raise OptionError(
             "shift and rotation act on the augmented copies; they need augment above 0"
         )
     normal_dir, anomaly_dir = data / "normal", data / "anomaly"

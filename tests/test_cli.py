@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from edge.cli import EX_CANTCREAT, EX_DATAERR, EX_NOINPUT
+from edge.cli import EX_CANTCREAT, EX_DATAERR, EX_NOINPUT, EX_USAGE
 from edge.images import FORMATS, list_images
 
 
@@ -195,7 +195,7 @@ def test_bad_roi_is_a_usage_error(tmp_path: Path, textures: Path) -> None:
     r = run("train", textures / "train", "-o", tmp_path / "m.onnx", "--roi", "0,0,5000,100")
     assert r.returncode == EX_DATAERR and "does not fit" in r.stderr
     r = run("train", textures / "train", "-o", tmp_path / "m.onnx", "--roi", "0,0,10,10")
-    assert r.returncode == EX_DATAERR and "smaller than 16x16 pixels" in r.stderr
+    assert r.returncode == EX_USAGE and "smaller than 16x16 pixels" in r.stderr
 
 
 def test_train_writes_only_a_model_file(tmp_path: Path, textures: Path) -> None:
@@ -203,7 +203,7 @@ def test_train_writes_only_a_model_file(tmp_path: Path, textures: Path) -> None:
     image = list_images(textures / "train" / "normal")[0]
     before = image.read_bytes()
     r = run("train", textures / "train", "-o", image)
-    assert r.returncode == EX_DATAERR and "must end in .onnx" in r.stderr
+    assert r.returncode == EX_USAGE and "must end in .onnx" in r.stderr
     assert image.read_bytes() == before
     (tmp_path / "dir.onnx").mkdir()
     r = run("train", textures / "train", "-o", tmp_path / "dir.onnx")
@@ -246,7 +246,7 @@ def test_turned_copies_are_asked_for_on_the_command_line(tmp_path: Path, texture
     info = json.loads(run("info", out, "--json").stdout)
     assert (info["augment"], info["shift"], info["rotate_deg"]) == (2, 0.03, 8.0)
     r = run("train", textures / "train", "-o", tmp_path / "x.onnx", "--shift", "30")
-    assert r.returncode == EX_DATAERR and "shift 30 % must be between 0 and 20 %" in r.stderr
+    assert r.returncode == EX_USAGE and "shift 30 % must be between 0 and 20 %" in r.stderr
     assert not (tmp_path / "x.onnx").exists()
 
 

@@ -55,6 +55,16 @@ def test_a_minimal_config_is_valid_and_defaults_are_safe() -> None:
         (GOOD + "[mqtt.tls]\ncert_file = '/c'\n", "mqtt.tls: cert_file and key_file go together"),
         (GOOD + "[model]\nthreads = 2\n", "not valid TOML"),  # section given twice
         ("[model\npath = 1", "not valid TOML"),
+        # true/false where a number is due: pydantic alone would read true as 1 and false as 0
+        (
+            GOOD.replace('path = "m.onnx"', 'path = "m.onnx"\nthreads = true'),
+            "model.threads: Input should be a valid integer",
+        ),
+        (GOOD + "[mqtt]\nport = false\n", "mqtt.port: Input should be a valid integer"),
+        (
+            GOOD + "[station]\nbudget_ms = true\n",
+            "station.budget_ms: Input should be a valid number",
+        ),
         (
             GOOD + "[trigger]\nmode = 'sometimes'\n",
             "trigger.mode: Input should be 'free' or 'triggered'",
