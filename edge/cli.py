@@ -27,6 +27,7 @@ EX_DATAERR = 65  # bad input data: images, model files
 EX_NOINPUT = 66  # an input file or folder does not exist
 EX_UNAVAILABLE = 69  # the camera cannot be opened, the broker cannot be reached
 EX_CANTCREAT = 73  # an output cannot be written
+EX_NOPERM = 77  # a file this user may not read or write
 EX_CONFIG = 78
 
 
@@ -236,13 +237,18 @@ def _config(path: Path) -> Config:
     return load_config(path)
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _config(args.config)
-    if cfg.mqtt.enabled:  # a ConfigError naming a file that `run` could not read
+def _check_files(cfg: Config) -> None:
+    """A ConfigError naming a password or TLS file that the link could not use."""
+    if cfg.mqtt.enabled:
         if cfg.mqtt.password_file:
             cfg.mqtt.password()
         if cfg.mqtt.tls.enabled:
             cfg.mqtt.tls.check_files()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    _check_files(cfg)
     print(
         f"{args.config}: valid (station {cfg.station.name}, source {cfg.source.kind}, "
         f"model {cfg.model.path}, broker {cfg.mqtt.host}:{cfg.mqtt.port})"
@@ -255,9 +261,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from edge.station import Station
 
-    cfg = _config(args.config)
     if args.validate:
         return cmd_check_config(args)
+    cfg = _config(args.config)
+    # Exit 78 here, in the service's main process, where systemd's RestartPreventExitStatus
+    # sees it: the station would otherwise inspect on and retry the broker for ever.
+    _check_files(cfg)
     return Station(cfg).run()
 
 
@@ -486,6 +495,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class _JournalFormatter(logging.Formatter):
+    """Starts each line with its syslog priority, which journald takes as the entry's level,
+    so that `journalctl -p warning` finds the warnings."""
+
+    PRIORITIES = ((logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in self.PRIORITIES if record.levelno >= level), 7)
+        return f"<{priority}>{super().format(record)}"
+
+
+def _to_journal() -> bool:
+    """Whether stderr is systemd's journal stream ($JOURNAL_STREAM names its device:inode)."""
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return os.environ.get("JOURNAL_STREAM", "") == f"{st.st_dev}:{st.st_ino}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from edge.config import ConfigError
     from edge.images import ImageError
@@ -495,10 +524,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from edge.train import OptionError, TrainError
 
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    form = "%(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(_JournalFormatter(form) if _to_journal() else logging.Formatter(form))
+    # The station logs its events (ready, connected, model replaced) for the journal; the
+    # one-shot commands only what went wrong.
+    level = logging.INFO if args.func is cmd_run else logging.WARNING
+    logging.basicConfig(level=logging.DEBUG if args.verbose else level, handlers=[handler])
     try:
         code: int = args.func(args)
         return code
@@ -525,6 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `edge-inspect records | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    except PermissionError as exc:  # reading too: `records` as a user not in the station's group
+        print(f"edge-inspect: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EX_NOPERM
     except OSError as exc:
         print(f"edge-inspect: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EX_CANTCREAT

@@ -219,6 +219,12 @@ class _Handler(BaseHTTPRequestHandler):
             reply = self.server.answer(req)
         except HttpError as exc:
             reply = json_reply({"error": exc.message}, exc.status)
+        except OSError as exc:  # a file the station cannot write (owner, disk): said, no traceback
+            what = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+            if isinstance(exc, PermissionError):
+                what += " (files in the state folder must belong to the station's user)"
+            log.warning("request %s %s failed: %s", method, url.path, what)
+            reply = json_reply({"error": f"the station cannot do this: {what}"}, 500)
         except Exception:
             log.exception("request %s %s failed", method, url.path)
             reply = json_reply({"error": "the station failed to answer; see its log"}, 500)

@@ -256,7 +256,11 @@ class Station:
         self._open_source(first=True)
         if not self._source_failures:
             self._set_status("online", "")
-        self.notifier.ready(f"inspecting with model {self.model.id}")
+        # READY carries the status: a camera that failed to open is not "inspecting".
+        if self.status == "degraded":
+            self.notifier.ready(f"degraded: {self.reason}")
+        else:
+            self.notifier.ready(f"inspecting with model {self.model.id}")
         log.info(
             "station %s ready: model %s, source %s",
             self.cfg.station.name,

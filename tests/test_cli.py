@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +269,28 @@ def test_hash_password_makes_a_line_for_the_config(tmp_path: Path) -> None:
     short = run("hash-password", stdin="short\n")
     assert short.returncode == 64
     assert short.stderr == "edge-inspect: the password must have 8 to 1024 characters\n"
+
+
+def test_onnxruntime_keeps_no_device_id_and_sends_no_usage_events(
+    tmp_path: Path, textures: Path
+) -> None:
+    """onnxruntime (1.29 and later) writes a device id under ~/.cache/Microsoft and uploads
+    usage events unless told not to; a station on a factory network must do neither."""
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    plain, ours = tmp_path / "plain", tmp_path / "ours"
+    plain.mkdir(), ours.mkdir()
+    code = "import onnxruntime; onnxruntime.InferenceSession"
+    subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(plain)}, check=True)
+    if not (plain / ".cache" / "Microsoft").exists():
+        pytest.skip("this onnxruntime keeps no device id, so there is nothing to check")
+    model = tmp_path / "m.onnx"
+    for args in (["train", textures / "train", "-o", model], ["info", model]):
+        r = subprocess.run(
+            [sys.executable, "-m", "edge.cli", *map(str, args)],
+            env={**env, "HOME": str(ours)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr
+    assert not (ours / ".cache").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,19 @@ def test_tls_files_are_checked_as_the_station_would_use_them(
     encrypted = TLSConfig(enabled=True, cert_file=certificates.server_cert, key_file=locked)
     with pytest.raises(ConfigError, match="the key is encrypted"):
         encrypted.check_files()
+
+
+def test_run_itself_refuses_an_unusable_tls_file_with_78(tmp_path: Path) -> None:
+    """systemd's RestartPreventExitStatus sees only the main process: `run` must exit 78 for
+    what check-config refuses, not inspect on and retry the broker for ever."""
+    garbage = tmp_path / "ca.crt"
+    garbage.write_text("not a certificate\n")
+    config = tmp_path / "station.toml"
+    config.write_text(GOOD + f"[mqtt.tls]\nenabled = true\nca_file = '{garbage}'\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 78 and f"ca_file {garbage}: not a CA certificate" in r.stderr

@@ -321,6 +321,48 @@ def test_station_tells_systemd_it_is_ready_and_alive(
     assert proc.returncode == 0
 
 
+def test_under_systemd_ready_says_degraded_and_log_lines_carry_their_level(
+    tmp_path: Path, model_file: Path
+) -> None:
+    # systemd's side: the notify socket, and stderr as the journal stream ($JOURNAL_STREAM
+    # names its device and inode; a pipe stands in for journald's socket).
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    read_end, write_end = os.pipe()
+    st = os.fstat(write_end)
+    missing = tmp_path / "no-camera-here"
+    config = write_config(tmp_path, model_file, missing, None, "sd")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+        stderr=write_end,
+        env={
+            **os.environ,
+            "NOTIFY_SOCKET": str(tmp_path / "notify"),
+            "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}",
+        },
+    )
+    os.close(write_end)
+    try:
+        got: list[str] = []
+        while not any(line.startswith("READY=1") for line in got):
+            got += notify.recv(4096).decode().split("\n")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    with os.fdopen(read_end) as f:
+        lines = f.read().splitlines()
+    # The camera could not be opened: READY must not say "inspecting".
+    ready = got[got.index("READY=1") + 1]
+    assert ready.startswith("STATUS=degraded: ") and str(missing) in ready
+    # Each line starts with its syslog priority, which journald takes as the entry's level,
+    # and the station's events (ready, stopping) are there at INFO, not only its faults.
+    assert any(line.startswith("<4>WARNING ") and str(missing) in line for line in lines), lines
+    assert any(line.startswith("<6>INFO edge.station: station test ready") for line in lines)
+    assert all(line[:3] in ("<3>", "<4>", "<6>", "<7>") for line in lines if " edge." in line)
+    assert proc.returncode == 0
+
+
 def test_check_config_names_every_problem_and_exits_78(
     tmp_path: Path, certificates: Certificates
 ) -> None:
@@ -428,9 +470,15 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     # verify checks that ExecStart exists: point it at this checkout's edge-inspect.
     exe = Path(sys.executable).parent / "edge-inspect"
     local = tmp_path / "edge-inspect.service"
-    local.write_text(unit.read_text().replace("/opt/edge-inspect/.venv/bin/edge-inspect", str(exe)))
-    r = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True)
-    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    text = unit.read_text().replace("/opt/edge-inspect/.venv/bin/edge-inspect", str(exe))
+    # The Jetson drop-in is read after the unit: the same as its lines appended to it.
+    jetson = (unit.parent / "jetson.conf").read_text()
+    for body in (text, text + jetson):
+        local.write_text(body)
+        r = subprocess.run(
+            ["systemd-analyze", "verify", str(local)], capture_output=True, text=True
+        )
+        assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
 class FlakySource:

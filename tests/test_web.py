@@ -771,3 +771,20 @@ def test_trigger_from_the_page_passes_the_command_token(
     assert page.post("/api/station/trigger")[0] == 202
     wait_until(lambda: station.stats.verdicts == 1, what="the triggered verdict")
     assert station.journal.recent(1)[0].part_id == "page"
+
+
+def test_a_dataset_folder_the_station_cannot_write_is_named(
+    start_page: StartPage, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Here a file stands where the folder should be; on a device it is most often a folder
+    # copied in by root (root passes any permission check, so this test cannot use that).
+    station, page = start_page()
+    page.start()
+    folder = station.cfg.station.state_dir / "dataset" / "train" / "normal"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.write_text("not a folder")
+    status, err = page.post("/api/dataset/capture", {"label": "normal"})
+    assert status == 500
+    assert err["error"].startswith("the station cannot do this: ") and str(folder) in err["error"]
+    assert "Traceback" not in caplog.text and str(folder) in caplog.text
+    assert station.web is not None and page.get("/api/status")[0] == 200
