@@ -207,24 +207,49 @@ def _png_size(data: bytes, name: str) -> tuple[int, int]:
 
 
 def _jpeg_size(data: bytes, name: str) -> tuple[int, int]:
-    # Entropy-coded data escapes every FF byte, so the last start-of-scan marker is real
-    # and the end-of-image marker must follow it; an EXIF thumbnail's FF D9 comes earlier.
-    last_scan = data.rfind(b"\xff\xda")
-    if last_scan < 0 or data.find(b"\xff\xd9", last_scan) < 0:
-        raise ImageError(f"image {name} is truncated (the JPEG has no end-of-image marker)")
-    i = 2
-    while i + 4 <= len(data) and data[i] == 0xFF:
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            i += 1
+    """The frame size, after walking the file's segments and scans to its end-of-image marker.
+
+    The walk follows the markers from the start, as a decoder does, so neither an EXIF
+    thumbnail's end marker (inside a segment) nor what a phone appends after the picture (the
+    video of a "motion photo", which holds marker-like bytes of its own) is taken for the end.
+    """
+    size: tuple[int, int] | None = None
+    i, n = 2, len(data)
+    while i + 1 < n:
+        if data[i] != 0xFF:  # stray bytes between segments: decoders skip them, and so do we
+            i = data.find(b"\xff", i)
+            if i < 0:
+                break
             continue
-        if marker in _JPEG_SOF and i + 9 <= len(data):
-            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
-            return width, height
-        if marker == 0xDA:
+        marker = data[i + 1]
+        if marker == 0xD9:  # end of image
+            if size is None:
+                break
+            return size
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte, no length
+            i += 1 if marker == 0xFF else 2
+            continue
+        if i + 4 > n:
             break
-        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
-    raise ImageError(f"image {name} is not a valid JPEG file (no frame header)")
+        end = i + 2 + struct.unpack_from(">H", data, i + 2)[0]
+        if marker in _JPEG_SOF and i + 9 <= n and size is None:
+            height, width = struct.unpack_from(">HH", data, i + 5)
+            size = (width, height)
+        i = end
+        if marker == 0xDA:  # a scan: its coded data escapes FF as FF 00 and holds restarts
+            while True:
+                i = data.find(b"\xff", i)
+                if i < 0 or i + 1 >= n:
+                    break
+                if data[i + 1] == 0x00 or 0xD0 <= data[i + 1] <= 0xD7:
+                    i += 2
+                else:
+                    break
+            if i < 0:
+                break
+    if size is None and i + 1 < n:
+        raise ImageError(f"image {name} is not a valid JPEG file (no frame header)")
+    raise ImageError(f"image {name} is truncated (the JPEG has no end-of-image marker)")
 
 
 def pixel_hash(image: np.ndarray) -> str:

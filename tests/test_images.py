@@ -207,6 +207,20 @@ def test_jpeg_with_bytes_after_the_end_marker_is_read() -> None:
     assert decode_image(data, "trailer.jpg").shape == (96, 96, 3)
 
 
+def test_a_motion_photo_is_read_whatever_its_video_holds() -> None:
+    # Phones append a video after the picture's end marker; its bytes hold FF DA (a start of
+    # scan, to a careless search) with no FF D9 after it.
+    picture = encode(textured_image(), ".jpg")
+    rng = np.random.default_rng(0)
+    for seed in range(6):
+        video = bytearray(rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+        video[5000 + seed : 5002 + seed] = b"\xff\xda"
+        video = video.replace(b"\xff\xd9", b"\xff\x00")
+        data = picture + b"\x00\x00\x00\x18ftypmp42" + bytes(video)
+        image = decode_image(data, f"motion{seed}.jpg")
+        assert np.array_equal(image, decode_image(picture, "still.jpg"))
+
+
 def test_progressive_jpeg_is_read_and_its_truncation_refused() -> None:
     data = encode(textured_image(), ".jpg", (cv2.IMWRITE_JPEG_PROGRESSIVE, 1))
     assert data.count(b"\xff\xda") > 1
