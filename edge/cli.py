@@ -162,7 +162,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from edge.files import write_atomically
     from edge.images import ImageError, list_images, read_image
     from edge.model import Model
-    from edge.overlay import draw_overlay
+    from edge.overlay import JPEG_QUALITY, OVERLAY_SIDE, draw_preview
 
     model = Model(args.model, threads=1)
     paths = [p for arg in args.images for p in (list_images(arg) if arg.is_dir() else [arg])]
@@ -186,11 +186,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
             n for k in itertools.count() if (n := path.stem + (f"-{k}" if k else "")) not in names
         )
         names.add(name)
-        overlay = args.overlays / f"{name}.png"
-        ok, png = cv2.imencode(".png", draw_overlay(image, detection))
+        overlay = args.overlays / f"{name}.jpg"
+        picture = draw_preview(image, detection, OVERLAY_SIDE)
+        ok, jpg = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
-            raise ImageError(f"the overlay of {path} cannot be encoded as PNG")
-        write_atomically(overlay, png.tobytes())
+            raise ImageError(f"the overlay of {path} cannot be encoded as JPEG")
+        write_atomically(overlay, jpg.tobytes())
         out.append({"file": str(path), **detection.as_dict(), "overlay": str(overlay)})
         if not args.json:
             boxes = " ".join(f"[{b.x},{b.y} {b.w}x{b.h}]" for b in detection.boxes[:5])

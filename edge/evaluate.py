@@ -19,7 +19,7 @@ from edge.files import staged_folder, write_atomically
 from edge.images import ImageError, has_entries, list_images, read_image
 from edge.metrics import summarize
 from edge.model import Model
-from edge.overlay import draw_preview
+from edge.overlay import JPEG_QUALITY, OVERLAY_SIDE, draw_preview
 from edge.report import write_report
 
 
@@ -36,7 +36,7 @@ class ImageResult:
     def overlay_name(self) -> str:
         """Its overlay's file name in the report's overlays/ folder (part.jpg and part.png
         in one folder each get their own)."""
-        return f"{self.label}-{self.path.name}.png"
+        return f"{self.label}-{self.path.name}.jpg"
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -50,11 +50,6 @@ class ImageResult:
 def json_metrics(metrics: dict[str, object]) -> dict[str, object]:
     """The metrics with NaN (AUROC without defects, say) as None, so that JSON can hold them."""
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
-
-
-# Overlays in a report are for looking at: a phone photo's is shrunk to this longer side,
-# which keeps a 100-image report of 12-megapixel photos at tens of MB, not hundreds.
-REPORT_SIDE = 1600
 
 
 def score_folder(
@@ -109,7 +104,7 @@ def write_outputs(
     out: Path,
     json_file: Path | None = None,
 ) -> Path:
-    """Write overlays/*.png, scores.csv, results.json and report.html under out (and the
+    """Write overlays/*.jpg, scores.csv, results.json and report.html under out (and the
     metrics and results to json_file); return the report's path.
 
     All or nothing: they replace the previous ones only once everything is written, so a
@@ -131,11 +126,11 @@ def _write_report_files(
     overlays.mkdir()
     rows = []
     for r in results:
-        overlay = draw_preview(read_image(r.path), r.detection, REPORT_SIDE)
-        ok, png = cv2.imencode(".png", overlay)
+        overlay = draw_preview(read_image(r.path), r.detection, OVERLAY_SIDE)
+        ok, jpg = cv2.imencode(".jpg", overlay, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
-            raise ImageError(f"the overlay of {r.path} cannot be encoded as PNG")
-        (overlays / r.overlay_name).write_bytes(png.tobytes())
+            raise ImageError(f"the overlay of {r.path} cannot be encoded as JPEG")
+        (overlays / r.overlay_name).write_bytes(jpg.tobytes())
         rows.append(
             {
                 "name": r.path.name,

@@ -27,7 +27,7 @@ from edge.files import write_atomically
 from edge.journal import Journal, JournalError, Record
 from edge.model import Model, ModelError
 from edge.mqtt import COMMANDS, Link, part_id_of
-from edge.overlay import draw_overlay
+from edge.overlay import OVERLAY_SIDE, draw_preview
 from edge.sources import Frame, FrameSource, SourceEnded, SourceError, open_source
 from edge.storage import FrameStore
 from edge.systemd import Notifier
@@ -648,7 +648,8 @@ class Station:
         if not keep or record is None:
             return
         name = f"{record.seq:08d}-{detection.verdict}"
-        paths = self.store.save(name, frame.image, draw_overlay(frame.image, detection))
+        overlay = draw_preview(frame.image, detection, OVERLAY_SIDE)
+        paths = self.store.save(name, frame.image, overlay)
         try:
             self._forget_evicted()
             if paths[0] is not None:

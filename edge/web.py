@@ -55,7 +55,7 @@ SHOWN_FRAMES = 4  # live frames held for "add this frame" (1 s at 4 pictures a s
 _REPORT_CSP = (
     "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'self'"
 )
-_REPORT_FILE = re.compile(r"^(candidate|running)/(report\.html|overlays/[A-Za-z0-9._-]+\.png)$")
+_REPORT_FILE = re.compile(r"^(candidate|running)/(report\.html|overlays/[A-Za-z0-9._-]+\.jpg)$")
 
 
 Handler = Callable[[Request, re.Match[str]], Reply]
@@ -498,8 +498,8 @@ class Web:
         path = self.trainer.candidate_dir / m[1]
         if not path.is_file():
             raise HttpError(404, f"there is no {m[1]} in the training results")
-        if path.suffix == ".png":
-            return Reply(200, path.read_bytes(), "image/png")
+        if path.suffix == ".jpg":
+            return Reply(200, path.read_bytes(), "image/jpeg")
         return Reply(
             200,
             path.read_bytes(),

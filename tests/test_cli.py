@@ -53,7 +53,7 @@ def test_evaluate_writes_metrics_report_and_overlays(
     n = len(list_images(parts / "test" / "normal")) + len(list_images(parts / "test" / "anomaly"))
     assert len(doc["images"]) == n
     assert {img["verdict"] for img in doc["images"]} == {"ok", "ng"}
-    assert len(list((report / "overlays").glob("*.png"))) == n
+    assert len(list((report / "overlays").glob("*.jpg"))) == n
     with (report / "scores.csv").open() as f:
         assert len(list(csv.DictReader(f))) == n
     html = (report / "report.html").read_text()
@@ -119,7 +119,7 @@ def test_detect_goes_on_past_an_unreadable_image_and_says_which(
     assert doc["failed"] == [
         {"file": str(bad), "error": f"image {bad} is not a readable image file ({FORMATS})"}
     ]
-    assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == [f"{good.stem}.png"]
+    assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == [f"{good.stem}.jpg"]
 
 
 def test_info_prints_the_contract(parts_model: Path) -> None:
@@ -294,3 +294,26 @@ def test_onnxruntime_keeps_no_device_id_and_sends_no_usage_events(
         )
         assert r.returncode == 0, r.stderr
     assert not (ours / ".cache").exists()
+
+
+def test_detect_draws_a_large_photo_s_overlay_at_1600_px(tmp_path: Path, parts: Path) -> None:
+    """A 12-megapixel photo's full-size overlay took 575 MB to draw; the boxes stay in the
+    photo's own pixels."""
+    scale = 2400 / 160
+    data = tmp_path / "big"
+    for label, folder in (("normal", "train/normal"), ("anomaly", "test/anomaly")):
+        (data / label).mkdir(parents=True)
+        for p in list_images(parts / folder)[:10]:
+            small = cv2.imread(str(p))
+            big = cv2.resize(small, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+            cv2.imwrite(str(data / label / f"{p.stem}.png"), big)
+    model = tmp_path / "big.onnx"
+    assert run("train", data, "-o", model).returncode == 0
+    defect = list_images(data / "anomaly")[0]
+    r = run("detect", model, defect, "--json", "-", "--overlays", tmp_path / "ov")
+    assert r.returncode == 0, r.stderr
+    (found,) = json.loads(r.stdout)["images"]
+    overlay = cv2.imread(found["overlay"])
+    assert found["overlay"].endswith(".jpg") and overlay.shape[1] == 1600
+    assert found["verdict"] == "ng" and found["boxes"]
+    assert all(b["x"] + b["w"] <= 2400 and b["y"] + b["h"] <= 1800 for b in found["boxes"])
