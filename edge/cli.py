@@ -70,7 +70,8 @@ class _Progress:
             self.stage, self.start = stage, time.monotonic()
         elapsed = time.monotonic() - self.start
         left = elapsed / done * (total - done) if done else 0.0
-        unit = "scoring passes" if stage == "calibration" else "images"
+        # features: each image and its shifted copies
+        unit = "scoring passes" if stage == "calibration" else "views"
         line = (
             f"{stage}: {done}/{total} {unit}, {left:.1f} s left"
             if stage != "memory bank"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import struct
 from pathlib import Path
 
@@ -14,6 +15,8 @@ FORMATS = "PNG, JPEG, WebP, TIFF or BMP"  # the formats whose size is checked be
 MAX_PIXELS = 50_000_000
 MAX_BYTES = 100_000_000
 MIN_SIDE = 32
+
+log = logging.getLogger(__name__)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI = b"\xff\xd8"
@@ -33,11 +36,19 @@ def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise ImageError(f"folder {folder} {what}")
-    images = sorted(
-        p
-        for p in folder.iterdir()
-        if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if images and others:  # an iPhone's HEIC photos, say: said, not silently left out
+        log.warning(
+            "folder %s: %d file%s not read, not being %s: %s%s",
+            folder,
+            len(others),
+            " is" if len(others) == 1 else "s are",
+            FORMATS,
+            ", ".join(others[:3]),
+            ", ..." if len(others) > 3 else "",
+        )
     if not images:
         nested = any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
         hint = "; images in its subfolders are not read: put them in it directly" if nested else ""

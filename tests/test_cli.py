@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +35,7 @@ def test_train_prints_progress_and_a_summary(tmp_path: Path, textures: Path) -> 
     out = tmp_path / "m.onnx"
     r = run("train", textures / "train", "-o", out)
     assert r.returncode == 0, r.stderr
-    assert "features: 80/80 images" in r.stderr  # 20 good images and 3 shifted copies of each
+    assert "features: 80/80 views" in r.stderr  # 20 good images and 3 shifted copies of each
     assert "threshold" in r.stdout and "expected false rejects" in r.stdout
     assert out.is_file() and not list(tmp_path.glob(".*.tmp"))
     assert out.stat().st_mode & 0o777 == 0o644, "the station's own user must be able to read it"
@@ -317,3 +319,20 @@ def test_detect_draws_a_large_photo_s_overlay_at_1600_px(tmp_path: Path, parts: 
     assert found["overlay"].endswith(".jpg") and overlay.shape[1] == 1600
     assert found["verdict"] == "ng" and found["boxes"]
     assert all(b["x"] + b["w"] <= 2400 and b["y"] + b["h"] <= 1800 for b in found["boxes"])
+
+
+def test_files_in_other_formats_are_named_not_silently_left_out(
+    tmp_path: Path, textures: Path
+) -> None:
+    # An iPhone's photos are HEIC: training on the rest is fine, but the user must hear of it.
+    data = tmp_path / "data"
+    shutil.copytree(textures / "train", data)
+    for k in range(5):
+        (data / "normal" / f"IMG_{k}.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    r = run("train", data, "-o", tmp_path / "m.onnx")
+    assert r.returncode == 0, r.stderr
+    assert (
+        f"folder {data / 'normal'}: 5 files are not read, not being {FORMATS}: "
+        "IMG_0.HEIC, IMG_1.HEIC, IMG_2.HEIC, ..." in r.stderr
+    )
+    assert re.search(r"trained on +20 good images", r.stdout), r.stdout
