@@ -36,6 +36,7 @@ BANK_MAX = 1536  # bounds inference time: one [patches x bank] matrix product pe
 PATCH_BUDGET = 200_000
 CALIBRATION_VIEWS = 200
 MAX_THREADS = 64
+NEAR_COPY = 0.25  # see near_copies()
 
 Progress = Callable[[str, int, int], None]
 
@@ -182,6 +183,70 @@ def position_stats(raw_maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
             mean[c], scale[c] = v.mean(), max(float(v.std()), floor)
     scale = np.maximum(scale, 1e-6)
     return mean.astype(np.float32), (1.0 / scale).astype(np.float32)
+
+
+def near_copies(
+    fmaps: list[np.ndarray], owners: list[int], raw_maps: list[np.ndarray]
+) -> list[set[int]]:
+    """For each held-out view, the other images that are near copies of it.
+
+    Two shots of one part in one place (a burst, or a part left in its fixture) are not two
+    samples of good parts: leaving one out while its copy stays in the bank scores it as if
+    nothing ever varied, and sets the threshold too low. Image j is a near copy of view i
+    when, position by position, i's patches lie closer to j's than NEAR_COPY times their
+    usual distance to the nearest patch of the other images (both as root mean squares).
+    Measured: shots of one part differing by sensor noise come to about 0.1, the same part
+    placed again to 0.35, different parts in the development sets' training images to 0.5
+    and more.
+    """
+    out: list[set[int]] = [set() for _ in fmaps]
+    # mean over positions of the squared nearest-neighbour distance, per view
+    reach = [float(np.mean(np.square(r, dtype=np.float64))) for r in raw_maps]
+    for i, j in itertools.combinations(range(len(fmaps)), 2):
+        if owners[i] == owners[j] or fmaps[i].shape != fmaps[j].shape:
+            continue
+        diff = (fmaps[i] - fmaps[j]).ravel()  # one view's size at a time, never all of them
+        aligned = float(np.dot(diff, diff)) / (fmaps[i].shape[2] * fmaps[i].shape[3])
+        if aligned < NEAR_COPY**2 * reach[i]:
+            out[i].add(owners[j])
+        if aligned < NEAR_COPY**2 * reach[j]:
+            out[j].add(owners[i])
+    return out
+
+
+def _check_copies(copies: list[set[int]], owners: list[int], paths: list[Path]) -> None:
+    """Say when some good images are near copies of others; refuse when fewer than MIN_NORMAL
+    different pictures are left, as there would be too few to learn from and calibrate."""
+    pairs = [(owners[i], j) for i, twins in enumerate(copies) for j in sorted(twins)]
+    if not pairs:
+        return
+    root = list(range(len(paths)))
+
+    def find(k: int) -> int:
+        while root[k] != k:
+            k = root[k]
+        return k
+
+    for a, b in pairs:
+        root[find(a)] = find(b)
+    shown = set(owners)
+    distinct = len({find(k) for k in shown})
+    involved = {k for pair in pairs for k in pair}
+    a, b = pairs[0]
+    example = f"{paths[a].name} and {paths[b].name}"
+    if distinct < MIN_NORMAL:
+        raise TrainError(
+            f"of the {len(shown)} good images only {distinct} differ by more than camera noise; "
+            f"the others are near copies (such as {example}: the same part in the same place). "
+            f"Take at least {MIN_NORMAL} different good parts, or place the part again between "
+            "shots"
+        )
+    log.warning(
+        "%d good images are near copies of others (such as %s); each is held out with its "
+        "copies when the threshold is set",
+        len(involved),
+        example,
+    )
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -355,6 +420,12 @@ def train(
     for i, fmap in enumerate(fmaps):
         raw_maps.append(score(fmap, held_out[i])[1])
         progress("calibration", i + 1, steps)
+    copies = near_copies(fmaps, fmap_owner, raw_maps)
+    _check_copies(copies, fmap_owner, normal_paths)
+    for i, twins in enumerate(copies):
+        if twins:
+            held_out[i] &= ~np.isin(bank_owner, sorted(twins))
+            raw_maps[i] = score(fmaps[i], held_out[i])[1]
     mean, inv_scale = position_stats(raw_maps)
     stats = {"mean": mean, "inv_scale": inv_scale}
     normal_scores = []

@@ -250,6 +250,45 @@ def test_too_few_good_images_is_refused(tmp_path: Path, textures: Path) -> None:
         train(data.parent, tmp_path / "x.onnx")
 
 
+def _camera_size(path: Path) -> np.ndarray:
+    """A test part at 640x480, so that it is shrunk for the model as a camera's frame is."""
+    return cv2.resize(read_image(path), None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
+
+
+def _shot(image: np.ndarray, seed: int) -> np.ndarray:
+    """Another shot of the same part in the same place: only sensor noise differs."""
+    noise = np.random.default_rng(seed).normal(0, 1, image.shape[:2])[..., None]
+    return np.clip(image + noise, 0, 255).astype(np.uint8)
+
+
+def test_burst_shots_do_not_set_the_threshold_too_low(tmp_path: Path, parts: Path) -> None:
+    # Ten parts, each photographed twice without moving it. Left out alone, each shot would be
+    # scored against its twin and the threshold would fall to what sensor noise gives.
+    good = list_images(parts / "train" / "normal")[:10]
+    distinct, burst = tmp_path / "distinct" / "normal", tmp_path / "burst" / "normal"
+    distinct.mkdir(parents=True), burst.mkdir(parents=True)
+    for k, p in enumerate(good):
+        image = _camera_size(p)
+        cv2.imwrite(str(distinct / p.name), image)
+        for shot in (0, 1):
+            cv2.imwrite(str(burst / f"{p.stem}-{shot}.png"), _shot(image, 2 * k + shot))
+    alone = train(distinct.parent, tmp_path / "distinct.onnx")
+    twice = train(burst.parent, tmp_path / "burst.onnx")
+    assert twice.meta.threshold > 0.8 * alone.meta.threshold
+    assert twice.normal_scores.mean() > 0.8 * alone.normal_scores.mean()
+
+
+def test_one_part_photographed_again_and_again_is_refused(tmp_path: Path, parts: Path) -> None:
+    image = _camera_size(list_images(parts / "train" / "normal")[0])
+    data = tmp_path / "same" / "normal"
+    data.mkdir(parents=True)
+    for k in range(12):
+        cv2.imwrite(str(data / f"shot{k:02d}.png"), _shot(image, k))
+    with pytest.raises(TrainError, match=r"of the 12 good images only 1 differ by more than "):
+        train(data.parent, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_frame_of_the_wrong_size_is_refused(parts_model: Path) -> None:
     model = Model(parts_model)
     with pytest.raises(ValueError, match="trained on"):
