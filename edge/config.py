@@ -71,14 +71,24 @@ class ModelConfig(_Section):
     )
 
 
-class FolderSource(_Section):
+class _Camera(_Section):
+    frame_timeout_s: float = Field(
+        2.0,
+        ge=0.1,
+        le=3600,
+        description="No frame for this long is a camera fault (raise it for a camera triggered "
+        "by hardware, whose frames come only when a part passes)",
+    )
+
+
+class FolderSource(_Camera):
     kind: Literal["folder"]
     path: Path = Field(description="A folder of images (replayed in name order) or a video file")
-    fps: float = Field(10.0, gt=0, le=1000, description="Replay rate, frames per second")
+    fps: float = Field(10.0, ge=0.01, le=1000, description="Replay rate, frames per second")
     loop: bool = Field(True, description="Start again at the end; otherwise the source ends")
 
 
-class OpenCVSource(_Section):
+class OpenCVSource(_Camera):
     kind: Literal["opencv"]
     device: int | str = Field(
         0, description="USB/V4L2 index, an RTSP/HTTP URL, or a GStreamer pipeline ending in appsink"
@@ -91,7 +101,7 @@ class OpenCVSource(_Section):
     fps: float | None = Field(None, gt=0, description="Requested camera frame rate")
 
 
-class Picamera2Source(_Section):
+class Picamera2Source(_Camera):
     kind: Literal["picamera2"]
     camera_num: int = Field(0, ge=0, description="Which camera on the Pi")
     width: int = Field(1280, gt=0, description="Frame width, px")
@@ -118,8 +128,25 @@ class TriggerConfig(_Section):
         "free", description="free: inspect frames continuously; triggered: one per trigger message"
     )
     rate_hz: float = Field(
-        0.0, ge=0, description="In free mode, inspect at most this often; 0 inspects every frame"
+        0.0,
+        ge=0,
+        le=1000,
+        description="In free mode, inspect at most this often; 0 inspects every frame",
     )
+    max_delay_ms: float = Field(
+        500.0,
+        gt=0,
+        le=60_000,
+        description="Longest time from a trigger to its frame: a later one may show the next "
+        "part, so the trigger is refused on P/error instead",
+    )
+
+    @field_validator("rate_hz")
+    @classmethod
+    def _rate_or_off(cls, v: float) -> float:
+        if 0 < v < 0.001:
+            raise ValueError("must be 0 (every frame) or at least 0.001 (one in 1000 s)")
+        return v
 
 
 def _no_passphrase() -> bytes:

@@ -55,17 +55,19 @@ class FrameSource(Protocol):
     name: str
     """What to call it in messages, e.g. "folder demo/data/test", "opencv 0", "picamera2 0"."""
     dropped: int
-    """Frames produced but never handed out because the caller was slower than the camera.
-    Frames skipped by a read(fresh=True) are not counted: nobody asked for them."""
+    """Frames produced but never handed out because the caller was slower than the camera (or
+    held back on purpose, by rate_hz). Frames passed over by a read(after=...) are not
+    counted: nobody asked for them."""
 
     def open(self) -> None:
         """Start the camera; raise SourceError saying why it cannot start."""
 
-    def read(self, fresh: bool = False, timeout_s: float = 2.0) -> Frame:
+    def read(self, after: float | None = None, timeout_s: float = 2.0) -> Frame:
         """Return the newest frame not handed out yet, waiting for the next one if need be.
 
-        fresh=True waits for a frame whose exposure started after this call (for triggers).
-        Raises SourceError when no frame comes within timeout_s or the frame is garbage.
+        after (a time.monotonic()): a frame whose exposure started at or after it, for a
+        trigger (when it arrived). Raises SourceError when no frame comes within timeout_s or
+        the frame is garbage.
         """
 
     def close(self) -> None:
@@ -85,13 +87,22 @@ def open_source(cfg: SourceConfig) -> FrameSource:
 
 
 def check_frame(image: object, source: str) -> np.ndarray:
-    """Return image as a C-contiguous array, or raise SourceError unless it is uint8 HxWx3."""
+    """Return image as C-contiguous uint8 HxWx3 BGR: a grey (HxW, HxWx1) or BGRA frame is
+    converted, as the same picture saved to a file would be when read; SourceError otherwise."""
     if not isinstance(image, np.ndarray):
         raise SourceError(f"{source} gave {type(image).__name__} instead of an image")
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
+    channels = image.shape[2] if image.ndim == 3 else 1
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or channels not in (1, 3, 4):
         raise SourceError(
-            f"{source} gave a {image.dtype} frame of shape {image.shape}, not uint8 HxWx3 BGR"
+            f"{source} gave a {image.dtype} frame of shape {image.shape}, not 8-bit grey, BGR "
+            "or BGRA"
         )
+    if image.size == 0:
+        raise SourceError(f"{source} gave an empty frame")
+    if channels == 1:
+        return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_GRAY2BGR)
+    if channels == 4:
+        return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGRA2BGR)
     return np.ascontiguousarray(image)
 
 
@@ -120,6 +131,9 @@ class FolderReplay:
         self._next = 0  # the first frame number neither handed out nor skipped
 
     def open(self) -> None:
+        """Start the replay; a reopen goes on from where it was, as a camera would (a few
+        unreadable images in a row must not send it back to the first one for ever)."""
+        resume = self._next
         self.close()
         path = self.cfg.path
         if self._is_video:
@@ -141,18 +155,21 @@ class FolderReplay:
             except OSError as exc:  # no permission, or out of file descriptors
                 raise SourceError(f"folder {path} cannot be listed: {exc.strerror}") from None
             self._count = len(self._images)
-        self._t0, self._next, self.dropped = time.monotonic(), 0, 0
+        resume %= max(1, min(self._count, sys.maxsize))
+        self._t0, self._next = time.monotonic() - resume * self._period, resume
         logger.info("%s: replaying at %g frames/s", self.name, self.cfg.fps)
 
-    def read(self, fresh: bool = False, timeout_s: float = 2.0) -> Frame:
+    def read(self, after: float | None = None, timeout_s: float = 2.0) -> Frame:
         if self._t0 is None:
             raise SourceError(f"{self.name} is not open")
-        called = time.monotonic()
-        due = int((called - self._t0) / self._period)  # the newest frame exposed by now
+        fresh = after is not None
+        due = int((time.monotonic() - self._t0) / self._period)  # the newest exposed by now
+        if after is not None:  # the first frame exposed at or after `after`
+            due = max(0, -int((self._t0 - after) // self._period))
         first = self._next
         image = None
         while image is None:
-            k = max(first, due + 1 if fresh else due)
+            k = max(first, due)
             if not self.cfg.loop and k >= self._count:
                 if fresh or first >= self._count:
                     raise SourceEnded(f"{self.name} has no more frames")
@@ -217,7 +234,10 @@ _BACKENDS = {
 }
 _MAX_FAILURES = 10  # consecutive failed reads before the camera counts as gone
 _RETRY_S = 0.05
+_SLOW_RETRY_S = 0.5  # between reads once it counts as gone
 _JOIN_S = 5.0
+OPEN_TIMEOUT_S = 10.0  # OpenCV's FFmpeg and GStreamer backends honour these
+READ_TIMEOUT_S = 5.0
 
 
 class _Grabbed(NamedTuple):
@@ -233,8 +253,8 @@ class OpenCVCamera:
 
     A reader thread drains the capture continuously and keeps only the newest frame, so the
     driver's buffers never go stale. OpenCV gives no exposure time that holds across backends:
-    `captured` is when the frame reached us, and fresh=True takes the first frame read by a
-    grab that began after the call (its exposure may have started up to a frame earlier).
+    `captured` is when the frame reached us, and read(after=t) takes a frame read by a
+    grab that began at or after t (its exposure may have started up to a frame earlier).
     """
 
     def __init__(self, cfg: OpenCVSource) -> None:
@@ -254,7 +274,25 @@ class OpenCVCamera:
         device = self.cfg.device
         if isinstance(device, str) and device.isdigit():
             device = int(device)  # "0" in a config means the first camera, not a file named 0
-        capture = cv2.VideoCapture(device, _BACKENDS[self.cfg.backend])
+        backend = _BACKENDS[self.cfg.backend]
+        if backend != cv2.CAP_ANY and not cv2.videoio_registry.hasBackend(backend):
+            hint = (
+                " (the PyPI opencv-python-headless wheels have none: on a Jetson, make the venv "
+                "with --system-site-packages and remove opencv-python-headless from it, so that "
+                "the system's python3-opencv is used)"
+                if backend == cv2.CAP_GSTREAMER
+                else ""
+            )
+            raise SourceError(f"{self.name}: this OpenCV has no {self.cfg.backend} backend{hint}")
+        # A network camera that accepts the connection and then says nothing would block the
+        # loop, and so the watchdog, for 30 s or more: bound the open and each read.
+        timeouts = [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+            int(OPEN_TIMEOUT_S * 1000),
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+            int(READ_TIMEOUT_S * 1000),
+        ]
+        capture = cv2.VideoCapture(device, backend, timeouts)
         if not capture.isOpened():
             capture.release()
             raise SourceError(
@@ -268,7 +306,7 @@ class OpenCVCamera:
             if value is not None and not capture.set(prop, value):
                 logger.warning("%s: the camera did not accept %s=%s", self.name, label, value)
         self._capture, self._latest, self._error = capture, None, None
-        self._handed = self.dropped = 0
+        self._handed = 0  # `dropped` goes on counting across reopens
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run,
@@ -291,33 +329,35 @@ class OpenCVCamera:
             if not ok or image is None:
                 failures += 1
                 if failures >= _MAX_FAILURES:
+                    # Said, and tried again more slowly: a glitch of a USB camera or a network
+                    # stream passes, and its frames are taken as soon as they come back.
                     with self._cond:
+                        if stop.is_set():  # a capture already replaced must not speak
+                            return
                         self._error = (
                             f"{self.name} gave no frame in {failures} tries ({reason}; "
                             "camera unplugged or stream ended?)"
                         )
                         self._cond.notify_all()
-                    return
-                stop.wait(_RETRY_S)
+                stop.wait(_RETRY_S if failures < _MAX_FAILURES else _SLOW_RETRY_S)
                 continue
             failures, seq = 0, seq + 1
             grabbed = _Grabbed(image, seq, started, time.monotonic(), time.time())
             with self._cond:
                 if stop.is_set():
                     return
-                self._latest = grabbed
+                self._latest, self._error = grabbed, None
                 self._cond.notify_all()
 
-    def read(self, fresh: bool = False, timeout_s: float = 2.0) -> Frame:
-        called = time.monotonic()
-        deadline = called + timeout_s
+    def read(self, after: float | None = None, timeout_s: float = 2.0) -> Frame:
+        deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
                 latest = self._latest
                 if (
                     latest is not None
                     and latest.seq > self._handed
-                    and (not fresh or latest.started >= called)
+                    and (after is None or latest.started >= after)
                 ):
                     break
                 if self._error is not None:
@@ -328,7 +368,7 @@ class OpenCVCamera:
                 if left <= 0:
                     raise SourceError(f"{self.name} gave no frame within {timeout_s:g} s")
                 self._cond.wait(left)
-            if not fresh:
+            if after is None:
                 self.dropped += latest.seq - self._handed - 1
             self._handed = latest.seq
         image = check_frame(latest.image, self.name)
@@ -414,19 +454,23 @@ class PiCamera:
             if camera is not None:
                 camera.close()
             raise SourceError(f"{self.name} cannot be started: {exc}") from exc
-        self._camera, self._seq, self.dropped = camera, 0, 0
+        self._camera, self._seq = camera, 0
         self._last_start_ns = self._last_sensor_ns = None
         logger.info("%s: open at %dx%d", self.name, self.cfg.width, self.cfg.height)
 
-    def read(self, fresh: bool = False, timeout_s: float = 2.0) -> Frame:
+    def read(self, after: float | None = None, timeout_s: float = 2.0) -> Frame:
         camera = self._camera
         if camera is None:
             raise SourceError(f"{self.name} is not open")
-        # picamera2 keeps the newest completed frame; flush (True: now, or a time in ns) makes it
-        # wait for one whose exposure started later, so we never get the same frame twice.
-        flush: bool | int | None = True if fresh else None
-        if not fresh and self._last_start_ns is not None:
+        # picamera2 keeps the newest completed frame; flush (a time.monotonic_ns()) makes it
+        # wait for one whose exposure started at or after it, so we never get the same frame
+        # twice, and a trigger gets a frame exposed after it came.
+        fresh = after is not None
+        flush: int | None = None
+        if self._last_start_ns is not None:
             flush = self._last_start_ns + 1
+        if after is not None:
+            flush = max(flush or 0, int(after * 1e9))
         try:
             with camera.captured_request(wait=timeout_s, flush=flush) as request:
                 image = request.make_array("main")

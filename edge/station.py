@@ -48,6 +48,7 @@ LATENCY_WINDOW = 1000  # verdicts the stats percentiles are taken over
 FPS_WINDOW_S = 5.0  # the inspection rate is counted over this many seconds
 MODEL_POLL_S = 1.0  # how often the model file is looked at for a new version
 PRUNE_EVERY_S = 10.0  # old journal records are deleted a batch at a time, this often
+OVER_LOG_EVERY_S = 60.0  # at most one "over the budget" log line this often
 
 
 class _Command(BaseModel):
@@ -179,7 +180,8 @@ class Station:
         self.source = source or open_source(cfg.source)
         self.notifier = Notifier()
         self.stats = Stats()
-        self.commands: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100)
+        # (name, payload, time.monotonic() it arrived): a trigger's frame must come after it
+        self.commands: queue.Queue[tuple[str, bytes, float]] = queue.Queue(maxsize=100)
         self.paused = False
         self.status = "online"
         self.reason = ""
@@ -188,6 +190,9 @@ class Station:
         self._ok_count = 0
         self._source_failures = 0
         self._open_error = ""  # why the source last failed to open, until it opens
+        self.max_delay_s = cfg.trigger.max_delay_ms / 1000
+        self._over_quiet_until = 0.0  # over-budget verdicts are logged once a minute at most
+        self._over_unlogged = 0
         self._journal_failed = False
         self._paths_failing = False
         self._told: tuple[str, str, str] | None = None  # status, reason, model last published
@@ -223,7 +228,7 @@ class Station:
             self._refuse(name[:64], why)
             return
         try:
-            self.commands.put_nowait((name, payload))
+            self.commands.put_nowait((name, payload, time.monotonic()))
         except queue.Full:
             self._refuse(
                 name[:64], "too many commands waiting; this one was dropped", part_id_of(payload)
@@ -293,7 +298,8 @@ class Station:
                 if self.cfg.trigger.mode == "triggered":
                     if trigger is None:
                         continue
-                    self._inspect(fresh=True, part_id=trigger.part_id)
+                    cmd, arrived = trigger
+                    self._inspect(after=arrived, part_id=cmd.part_id)
                 else:
                     if period:
                         wait = next_frame - time.monotonic()
@@ -301,7 +307,7 @@ class Station:
                             self._stop.wait(min(wait, 0.5))
                             continue
                         next_frame = max(next_frame + period, time.monotonic())
-                    self._inspect(fresh=False, part_id=None)
+                    self._inspect(after=None, part_id=None)
         except SourceEnded:
             log.info("source %s ended", self.source.name)
         finally:
@@ -319,11 +325,14 @@ class Station:
         log.info("signal %d: finishing the frame in hand", signum)
         self._stop.set()
 
-    def _handle_commands(self) -> TriggerCommand | None:
-        """Apply waiting commands; return a trigger if one came. Waits briefly when idle."""
+    def _handle_commands(self) -> tuple[TriggerCommand, float] | None:
+        """Apply waiting commands; return a trigger, with when it arrived, if one came. Waits
+        briefly when idle."""
         idle = self.paused or self.cfg.trigger.mode == "triggered"
         try:
-            name, payload = self.commands.get(timeout=0.2) if idle else self.commands.get_nowait()
+            name, payload, arrived = (
+                self.commands.get(timeout=0.2) if idle else self.commands.get_nowait()
+            )
         except queue.Empty:
             return None
         try:
@@ -347,7 +356,7 @@ class Station:
             elif self.paused:
                 self._refuse("trigger", "the station is paused", cmd.part_id)
             else:
-                return cmd
+                return cmd, arrived
         return None
 
     def _refuse(self, command: str, why: str, part_id: str | None = None) -> None:
@@ -528,7 +537,14 @@ class Station:
         end = time.monotonic() + delay
         while (left := end - time.monotonic()) > 0 and not self._stop.is_set():
             self.notifier.ping()  # the loop is alive, only the camera is not
-            self._stop.wait(min(left, 1.0))
+            # Commands still work; a trigger is answered now, not after the back-off with a
+            # picture of whatever is under the camera by then.
+            trigger = self._handle_commands()
+            if trigger is not None:
+                part_id = trigger[0].part_id
+                why = f"no verdict for part {part_id or '(none)'}: {exc}"
+                self._refuse("trigger", why, part_id)
+            self._stop.wait(min(left, 0.1))
         if self._source_failures % SOURCE_REOPEN_AFTER == 0 and not self._stop.is_set():
             log.warning(
                 "reopening source %s after %d failures", self.source.name, self._source_failures
@@ -547,9 +563,11 @@ class Station:
             else:
                 self._set_status("degraded", str(exc))
 
-    def _inspect(self, fresh: bool, part_id: str | None) -> None:
+    def _inspect(self, after: float | None, part_id: str | None) -> None:
+        """Inspect the newest frame, or for a trigger (after: when it arrived) the first one
+        exposed after it, if that comes within trigger.max_delay_ms; refuse the trigger if not."""
         try:
-            frame = self.source.read(fresh=fresh)
+            frame = self.source.read(after=after, timeout_s=self.cfg.source.frame_timeout_s)
             self._last_frame = frame  # a new model is tried on it, even if this one refuses it
             try:
                 self.model.check_frame(frame.image)
@@ -560,7 +578,7 @@ class Station:
         except SourceError as exc:
             # After a failed reopen, "not open" would hide why: report the reason it failed.
             fault = SourceError(self._open_error) if self._open_error else exc
-            if fresh:  # the controller waits for this part's verdict: say why none comes
+            if after is not None:  # the controller waits for this part's verdict: say why not
                 why = f"no verdict for part {part_id or '(none)'}: {fault}"
                 self._refuse("trigger", why, part_id)
             self._source_failed(fault)
@@ -569,6 +587,15 @@ class Station:
             log.info("source %s delivers again", self.source.name)
             self._source_failures = 0
             self._set_status("online", "")
+        if after is not None and (late := frame.captured - after) > self.max_delay_s:
+            # The trigger waited behind others, or the camera was slow: this picture may show
+            # the next part, so no verdict is better than one for the wrong part.
+            why = (
+                f"no verdict for part {part_id or '(none)'}: the first frame after the trigger "
+                f"came {1000 * late:.0f} ms after it, over trigger.max_delay_ms"
+            )
+            self._refuse("trigger", why, part_id)
+            return
         self.stats.frames += 1
         t0 = time.monotonic()
         detection = self.model.detect(frame.image)
@@ -576,12 +603,17 @@ class Station:
         latency_ms = (decided - frame.captured) * 1000
         over = latency_ms > self.cfg.station.budget_ms
         if over:
-            log.warning(
-                "verdict for frame %d took %.1f ms, over the %.0f ms budget",
-                frame.seq,
-                latency_ms,
-                self.cfg.station.budget_ms,
-            )
+            self._over_unlogged += 1
+            if decided >= self._over_quiet_until:  # a throttled Pi must not flood the journal
+                log.warning(
+                    "verdict for frame %d took %.1f ms, over the %.0f ms budget (%d over it "
+                    "since the last such line)",
+                    frame.seq,
+                    latency_ms,
+                    self.cfg.station.budget_ms,
+                    self._over_unlogged,
+                )
+                self._over_quiet_until, self._over_unlogged = decided + OVER_LOG_EVERY_S, 0
         fields: dict[str, Any] = dict(
             wall=frame.wall,
             part_id=part_id,

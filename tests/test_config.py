@@ -56,6 +56,19 @@ def test_a_minimal_config_is_valid_and_defaults_are_safe() -> None:
         (GOOD + "[mqtt.tls]\ncert_file = '/c'\n", "mqtt.tls: cert_file and key_file go together"),
         (GOOD + "[model]\nthreads = 2\n", "not valid TOML"),  # section given twice
         ("[model\npath = 1", "not valid TOML"),
+        # a replay so slow that its frame period is infinite crashed the station (NaN times)
+        (
+            GOOD.replace('path = "frames"', 'path = "f"\nfps = 1e-320'),
+            "source.fps: Input should be greater than or equal to 0.01",
+        ),
+        (
+            GOOD + "[trigger]\nrate_hz = 1e-12\n",
+            "trigger.rate_hz: must be 0 (every frame) or at least 0.001",
+        ),
+        (
+            GOOD.replace('path = "frames"', 'path = "f"\nframe_timeout_s = 0'),
+            "source.frame_timeout_s: Input should be greater than or equal to 0.1",
+        ),
         # true/false where a number is due: pydantic alone would read true as 1 and false as 0
         (
             GOOD.replace('path = "m.onnx"', 'path = "m.onnx"\nthreads = true'),

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from edge.config import FolderSource, OpenCVSource, Picamera2Source
+from edge.images import read_image
 from edge.sources import (
     FolderReplay,
     Frame,
@@ -119,7 +120,7 @@ def test_fresh_frame_starts_after_the_call(tmp_path: Path, sources: list[FrameSo
     source = opened(sources, open_source(folder(write_images(tmp_path, 5), fps=20)))
     time.sleep(0.06)
     called = time.monotonic()
-    frame = source.read(fresh=True)
+    frame = source.read(after=time.monotonic())
     assert frame.captured > called
     assert time.monotonic() >= frame.captured
     assert abs(frame.wall - time.time() - (frame.captured - time.monotonic())) < 0.05
@@ -141,7 +142,7 @@ def test_folder_without_loop_ends(tmp_path: Path, sources: list[FrameSource]) ->
     assert 1 <= len(frames) <= 3
     assert frames[-1].seq == 3 and index_of(frames[-1]) == 2  # the last image is never skipped
     with pytest.raises(SourceEnded):
-        source.read(fresh=True)
+        source.read(after=time.monotonic())
 
 
 def test_folder_end_keeps_the_last_frame_for_a_slow_reader(
@@ -277,7 +278,7 @@ def test_opencv_fresh_frame_is_grabbed_after_the_call(
     path = write_video(tmp_path / "cam.avi", 3000, size=(32, 32))
     source = opened(sources, open_source(OpenCVSource(kind="opencv", device=str(path))))
     called = time.monotonic()
-    frame = source.read(fresh=True)
+    frame = source.read(after=time.monotonic())
     assert frame.captured >= called
 
 
@@ -300,6 +301,94 @@ def test_opencv_missing_device_is_named_at_open(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"no-such-camera\.avi cannot be opened"):
         source.open()
     assert reader_threads() == []
+
+
+def test_opencv_a_network_camera_that_never_answers_is_given_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A camera that accepts the connection and says nothing blocked the loop, and so the
+    # watchdog, for 30 s; the open is bounded now (10 s on a station, 1 s here).
+    import socket
+
+    import edge.sources
+
+    monkeypatch.setattr(edge.sources, "OPEN_TIMEOUT_S", 1.0)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/stream"
+    source = open_source(OpenCVSource(kind="opencv", device=url, backend="ffmpeg"))
+    start = time.monotonic()
+    with pytest.raises(SourceError, match="cannot be opened"):
+        source.open()
+    assert time.monotonic() - start < 5
+    silent.close()
+
+
+@pytest.mark.skipif(
+    cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER), reason="this OpenCV has GStreamer"
+)
+def test_opencv_without_gstreamer_says_so() -> None:
+    pipeline = "nvarguscamerasrc ! nvvidconv ! video/x-raw,format=BGRx ! appsink"
+    source = open_source(OpenCVSource(kind="opencv", device=pipeline, backend="gstreamer"))
+    with pytest.raises(SourceError, match=r"no gstreamer backend .*opencv-python-headless"):
+        source.open()
+
+
+class GlitchingCapture:
+    """Stands in for a USB camera (none can be here) whose cable glitches: frames, then
+    nothing for a while, then frames again, on the same open device."""
+
+    def __init__(self, *args: object) -> None:
+        self.reads = 0
+
+    def isOpened(self) -> bool:
+        return True
+
+    def set(self, prop: int, value: float) -> bool:
+        return True
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        self.reads += 1
+        time.sleep(0.01)
+        if 20 <= self.reads < 35:
+            return False, None
+        return True, np.full((40, 48, 3), self.reads % 250, np.uint8)
+
+    def release(self) -> None:
+        pass
+
+
+def test_opencv_frames_that_come_back_are_taken_without_a_reopen(
+    monkeypatch: pytest.MonkeyPatch, sources: list[FrameSource]
+) -> None:
+    monkeypatch.setattr(cv2, "VideoCapture", GlitchingCapture)
+    source = opened(sources, open_source(OpenCVSource(kind="opencv", device=0)))
+    source.read()
+    deadline = time.monotonic() + 10
+    failed = False
+    while time.monotonic() < deadline:
+        try:
+            frame = source.read(timeout_s=1)
+        except SourceError as exc:
+            failed = True
+            assert "gave no frame in" in str(exc)
+            time.sleep(0.2)
+            continue
+        if failed:
+            break
+    assert failed, "the glitch was reported"
+    assert frame.image.shape == (40, 48, 3) and time.monotonic() < deadline
+
+
+def test_a_reopened_folder_goes_on_where_it_was(tmp_path: Path, sources: list[FrameSource]) -> None:
+    # A few unreadable images in a row make the station reopen the source: starting again at
+    # the first image would bring it back to them for ever.
+    source = opened(sources, open_source(folder(write_images(tmp_path / "data", 10), fps=20)))
+    seen = [index_of(source.read()) for _ in range(4)]
+    source.close()
+    source.open()
+    assert index_of(source.read()) > seen[-1]
 
 
 # The Pi camera, through tests/fake_picamera2.py
@@ -373,9 +462,9 @@ def test_picamera2_fresh_read_flushes(
     source.read()
     time.sleep(0.03)
     called = time.monotonic()
-    frame = source.read(fresh=True)
+    frame = source.read(after=called)
     camera = picamera2.instances[-1]
-    assert camera.flushes[-1] is True
+    assert camera.flushes[-1] == int(called * 1e9)  # picamera2 compares it with monotonic_ns
     assert frame.captured >= called  # the start of exposure, not the readout
     assert (camera.entered, camera.exited) == (2, 2)
 
@@ -388,9 +477,9 @@ def test_frames_passed_over_for_a_fresh_one_are_not_counted_as_dropped(
     replay = opened(sources, open_source(folder(write_images(tmp_path, 20), fps=50)))
     pi_camera = opened(sources, open_source(pi()))  # the stand-in runs at 100 frames/s
     for source in (replay, pi_camera):
-        first = source.read(fresh=True)
+        first = source.read(after=time.monotonic())
         time.sleep(0.1)
-        later = source.read(fresh=True)
+        later = source.read(after=time.monotonic())
         assert later.seq - first.seq >= 4
         assert source.dropped == 0, source.name
 
@@ -417,8 +506,8 @@ def test_picamera2_garbage_frame_is_a_source_error(
 ) -> None:
     source = opened(sources, open_source(pi()))
     camera = picamera2.instances[-1]
-    camera.buffer = np.zeros((48, 64), np.uint8)
-    with pytest.raises(SourceError, match=r"picamera2 0 gave a uint8 frame of shape \(48, 64\)"):
+    camera.buffer = np.zeros((48, 64, 2), np.uint8)
+    with pytest.raises(SourceError, match=r"picamera2 0 gave a uint8 frame of shape \(48, 64, 2\)"):
         source.read()
     camera.buffer = np.zeros((48, 64, 3), np.float32)
     with pytest.raises(SourceError, match="float32"):
@@ -455,12 +544,30 @@ def test_picamera2_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     "image",
-    [np.zeros((0, 0, 3), np.uint8), np.zeros((4, 4, 4), np.uint8), [[0]], None],
-    ids=["empty", "four channels", "list", "none"],
+    [
+        np.zeros((0, 0, 3), np.uint8),
+        np.zeros((4, 4, 2), np.uint8),
+        np.zeros((4, 4, 3), np.uint16),
+        [[0]],
+        None,
+    ],
+    ids=["empty", "two channels", "16-bit", "list", "none"],
 )
 def test_check_frame_refuses_garbage(image: object) -> None:
     with pytest.raises(SourceError, match=r"^cam "):
         check_frame(image, "cam")
+
+
+def test_grey_and_bgra_frames_become_bgr_as_their_files_would(tmp_path: Path) -> None:
+    # Mono cameras are common in inspection: their frames must match the saved pictures a
+    # model was trained on, which read_image turns into three equal channels.
+    grey = np.random.default_rng(0).integers(0, 256, (48, 64), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "grey.png"), grey)
+    from_file = read_image(tmp_path / "grey.png")
+    for frame in (grey, grey[..., None]):
+        assert np.array_equal(check_frame(frame, "cam"), from_file)
+    bgra = np.dstack([from_file, np.full((48, 64), 255, np.uint8)])
+    assert np.array_equal(check_frame(bgra, "cam"), from_file)
 
 
 def test_check_frame_makes_a_contiguous_array() -> None:

@@ -129,6 +129,65 @@ def test_triggered_verdict_echoes_the_part_id_and_uses_a_fresh_frame(
     assert second["part_id"] is None
 
 
+def test_a_trigger_whose_frame_comes_too_late_gets_no_verdict(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    # The replay makes a frame every 50 ms; none can start within 1 ms of a trigger. A frame
+    # from later may show the next part: the controller must hear "no verdict", never get one.
+    sub = subscribe("late/#")
+    trigger = {"mode": "triggered", "max_delay_ms": 1}
+    run_station(write_config(tmp_path, model_file, replay, broker, "late", trigger=trigger))
+    sub.wait_for("status", lambda m: m.payload == b"online")
+    sub.publish("late/cmd/trigger", json.dumps({"part_id": "P-1"}))
+    error = sub.wait_for("error").json()
+    assert error["part_id"] == "P-1" and "over trigger.max_delay_ms" in error["error"]
+    time.sleep(0.3)
+    assert sub.on("verdict") == []
+    assert sub.wait_for("state").json()["status"] == "online", "the camera is not at fault"
+
+
+def test_triggers_during_a_camera_fault_are_answered_at_once(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+) -> None:
+    sub = subscribe("tfault/#")
+    config = load_config(
+        write_config(tmp_path, model_file, replay, broker, "tfault", trigger={"mode": "triggered"})
+    )
+    source = FlakySource(sorted(replay.iterdir())[:4], failures=1000, garbage=False)
+    source.reads = 5  # failing from the first read
+    station = Station(config, source=source)
+    thread = threading.Thread(target=station.run, daemon=True)
+    thread.start()
+    try:
+        sub.wait_for("status")  # connected and subscribed
+        time.sleep(0.3)
+        sub.publish("tfault/cmd/trigger", json.dumps({"part_id": "P-0"}))
+        sub.wait_for("error", lambda m: m.json()["part_id"] == "P-0")
+        # Now the station is backing off from the camera (0.5, 1, 2, 4 s ...). Triggers that
+        # come meanwhile are answered within a fraction of a second, not after the back-off
+        # with a picture of whatever is under the camera by then.
+        time.sleep(1.5)
+        for k in range(1, 4):
+            sent = time.time()
+            sub.publish("tfault/cmd/trigger", json.dumps({"part_id": f"P-{k}"}))
+            error = sub.wait_for("error", lambda m, k=k: m.json()["part_id"] == f"P-{k}")
+            assert error.received - sent < 1.0
+            assert "flaky test camera" in error.json()["error"]
+        assert sub.on("verdict") == []
+    finally:
+        station.stop()
+        thread.join(20)
+
+
 def test_pause_resume_and_reload_commands(
     tmp_path: Path,
     model_file: Path,
@@ -501,7 +560,7 @@ class FlakySource:
     def close(self) -> None:
         pass
 
-    def read(self, fresh: bool = False, timeout_s: float = 2.0) -> Frame:
+    def read(self, after: float | None = None, timeout_s: float = 2.0) -> Frame:
         from edge.sources import check_frame
 
         self.reads += 1
@@ -833,3 +892,20 @@ def test_journal_keeps_to_its_age_limit_while_inspecting(
     assert station.stats.verdicts >= 40  # 20 frames/s for 3 s
     assert len(records) < 0.6 * station.stats.verdicts
     assert time.time() - records[-1].wall < 1.5
+
+
+def test_verdicts_over_budget_are_counted_but_logged_once_a_minute(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    run_station: Callable[[Path], Station],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A throttled Pi is over budget on every frame: one log line each flooded the journal.
+    station = run_station(
+        write_config(tmp_path, model_file, replay, None, "budget", station={"budget_ms": 0.001})
+    )
+    time.sleep(2)
+    assert station.stats.overruns >= 20
+    lines = [r for r in caplog.records if "over the 0 ms budget" in r.getMessage()]
+    assert len(lines) == 1
