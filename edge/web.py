@@ -311,6 +311,8 @@ class Web:
         """Pause, resume or trigger the station, through the same queue as MQTT commands."""
         if m[1] == "trigger" and self.station.cfg.trigger.mode != "triggered":
             raise HttpError(409, 'the station is in free-run mode; set trigger.mode = "triggered"')
+        if m[1] == "trigger" and self.station.paused:
+            raise HttpError(409, "the station is paused: resume it first")
         self.station.command(m[1], "page" if m[1] == "trigger" else None)
         return json_reply({}, 202)
 
@@ -467,9 +469,17 @@ class Web:
         return json_reply({}, 202)
 
     def _activate(self, req: Request, m: re.Match[str]) -> Reply:
+        wanted = _field(req.json(), "id", str, "the candidate's model id, as /api/training gives")
         candidate = self.trainer.candidate_model
         if candidate is None:
             raise HttpError(409, "there is no trained candidate model to use")
+        summary = self.trainer.summary()
+        if wanted and (summary is None or wanted != summary["model_id"]):
+            raise HttpError(
+                409,
+                "the new model has changed since this page showed it (another training?); "
+                "look at its results again",
+            )
         if hashlib.sha256(candidate.read_bytes()).hexdigest() == self.station.model.sha256:
             raise HttpError(409, "the candidate is the model in use already")
         return self._install(candidate, "candidate activated on the page")

@@ -200,12 +200,26 @@ def test_watch_label_train_swap_and_try_in_a_browser(
     wait.until(lambda _: int(live.get_attribute("data-frame") or 0) > frame)
     assert f"threshold {station.model.threshold:.4f}" in text("live-caption")
 
-    # Pause while labelling by hand, then resume.
+    # Pause while labelling by hand, then resume. Paused, the picture says it is not now.
     find(By.ID, "pause").click()
     wait.until(lambda _: text("st-state") == "paused" and find(By.ID, "resume").is_displayed())
+    wait.until(lambda _: find(By.ID, "live-stale").is_displayed())
+    assert text("live-stale").startswith("inspection paused: this picture is from")
+    assert "stale" in (find(By.ID, "live").get_attribute("class") or "")
+    shot("7-live-paused-phone")
     find(By.ID, "resume").click()
     wait.until(lambda _: text("st-state") == "online" and find(By.ID, "pause").is_displayed())
-    shot("7-live-phone")
+    wait.until(lambda _: not find(By.ID, "live-stale").is_displayed())
+    shot("8-live-phone")
 
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
+
+    # A restarted station has a new CSRF token: the open page takes it and the button works
+    # (every button failed with "no valid CSRF token" until the page was reloaded by hand).
+    station.web.sessions.local_csrf = "a token made by a new start of the station"
+    find(By.ID, "pause").click()
+    wait.until(lambda _: text("st-state") == "paused")
+    assert "CSRF" not in text("message")
+    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert all("403" in e for e in errors), errors  # the one refused before the new token

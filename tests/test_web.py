@@ -637,7 +637,10 @@ def test_train_evaluate_activate_and_roll_back(start_page: StartPage, parts: Pat
     assert status == 200 and tried["model_id"] == doc["candidate_id"]
 
     model_file = station.cfg.model.path
-    assert page.post("/api/training/activate")[0] == 202
+    # A page that shows another candidate (a second tab trained meanwhile) activates nothing.
+    status, err = page.post("/api/training/activate", {"id": "0123456789ab"})
+    assert status == 409 and "has changed since this page showed it" in err["error"]
+    assert page.post("/api/training/activate", {"id": doc["candidate_id"]})[0] == 202
     wait_until(lambda: station.model.id == doc["candidate_id"], 30, "the swap")
     assert (
         model_file.read_bytes() == (station.web.trainer.candidate_dir / "model.onnx").read_bytes()
@@ -771,6 +774,13 @@ def test_trigger_from_the_page_passes_the_command_token(
     assert page.post("/api/station/trigger")[0] == 202
     wait_until(lambda: station.stats.verdicts == 1, what="the triggered verdict")
     assert station.journal.recent(1)[0].part_id == "page"
+    # Paused, a trigger would be dropped on MQTT only, where the page does not look: refused.
+    assert page.post("/api/station/pause")[0] == 202
+    wait_until(lambda: station.paused, what="paused")
+    assert page.post("/api/station/trigger") == (
+        409,
+        {"error": "the station is paused: resume it first"},
+    )
 
 
 def test_a_dataset_folder_the_station_cannot_write_is_named(

@@ -8,16 +8,27 @@ const LIVE_PERIOD_MS = 250;
 
 // --- talking to the station ---
 
-async function api(path, options = {}) {
+class LoggedOut extends Error {}
+
+async function api(path, options = {}, retried = false) {
   const headers = Object.assign({}, options.headers || {});
   if (options.method === "POST") headers["X-CSRF-Token"] = csrf || "";
   const response = await fetch(path, Object.assign({}, options, { headers, credentials: "same-origin" }));
   if (response.status === 401) {
+    csrf = null; // stops the loops until the next login
     showLogin();
-    throw new Error("log in first");
+    throw new LoggedOut("the session has ended: log in again");
   }
   const type = response.headers.get("Content-Type") || "";
   const doc = type.startsWith("application/json") ? await response.json() : null;
+  // A restarted station has a new CSRF token: take it and try once more.
+  if (response.status === 403 && !retried && doc && /CSRF token/.test(doc.error || "")) {
+    const session = await api("/api/session");
+    if (session.logged_in && session.csrf) {
+      csrf = session.csrf;
+      return api(path, options, true);
+    }
+  }
   if (!response.ok) throw new Error((doc && doc.error) || `the station answered ${response.status}`);
   return doc;
 }
@@ -34,11 +45,17 @@ function upload(path, file) {
   });
 }
 
+let sayTimer = null;
+
+// Errors stay until the next action or tab; other messages go after 10 s, before they can
+// contradict what the page shows (a "paused" note after another tab resumed, say).
 function say(text, isError) {
   const box = $("message");
   box.textContent = text;
   box.className = isError ? "error" : "";
   box.hidden = !text;
+  clearTimeout(sayTimer);
+  if (text && !isError) sayTimer = setTimeout(() => say(""), 10000);
 }
 
 // Run an action from a button: show what it did or why it failed.
@@ -80,13 +97,15 @@ const defects = (n) => `${n} defect${n === 1 ? "" : "s"}`;
 function showLogin() {
   $("login").hidden = false;
   $("app").hidden = true;
+  $("logout").hidden = true;
+  clearStrip();
 }
 
 async function startSession() {
   const session = await api("/api/session");
   $("station").textContent = `edge-inspect · ${session.station}`;
   document.title = `edge-inspect · ${session.station}`;
-  $("logout").hidden = !session.login_required;
+  $("logout").hidden = !session.login_required || !session.logged_in;
   if (!session.logged_in) return showLogin();
   csrf = session.csrf;
   $("login").hidden = true;
@@ -117,6 +136,7 @@ act($("logout"), async () => {
 
 function openTab(name) {
   if (!$(`tab-${name}`)) name = "live";
+  if (name !== tab) say("");
   tab = name;
   for (const section of document.querySelectorAll(".tab")) section.hidden = section.id !== `tab-${name}`;
   for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.tab === name);
@@ -135,15 +155,34 @@ async function statusLoop() {
       try {
         showStatus(await api("/api/status"));
       } catch (err) {
-        $("st-state").textContent = "no answer";
-        $("st-state").className = "pill degraded";
+        if (!(err instanceof LoggedOut)) {
+          clearStrip();
+          $("st-state").textContent = "no answer";
+          $("st-state").className = "pill degraded";
+          showLiveState({ status: "no answer", reason: "the station does not answer" });
+        }
       }
     }
     await sleep(1000);
   }
 }
 
+// Figures that are not known now are not shown: a strip that stays "online, 5 fps, broker
+// connected" while nobody answers would look live.
+function clearStrip() {
+  for (const id of ["st-reason", "st-model", "st-fps", "st-p95", "st-over", "st-backlog"]) $(id).textContent = "–";
+  $("st-reason").textContent = "";
+  $("st-state").textContent = "–";
+  $("st-state").className = "pill";
+  $("st-broker").textContent = "–";
+  $("st-broker").className = "pill";
+}
+
+let lastStatus = null;
+
 function showStatus(s) {
+  lastStatus = s;
+  showLiveState(s);
   $("st-state").textContent = s.status;
   $("st-state").className = `pill ${s.status}`;
   $("st-reason").textContent = s.reason || "";
@@ -159,7 +198,7 @@ function showStatus(s) {
   $("rollback").hidden = !s.previous_model;
   $("pause").hidden = s.paused;
   $("resume").hidden = !s.paused;
-  $("trigger").hidden = s.mode !== "triggered";
+  $("trigger").hidden = s.mode !== "triggered" || s.paused;
   const event = s.model_event;
   $("model-event").textContent = event ? `${when(event.wall)}: ${event.text}` : "";
   $("model-event").className = event && !event.taken ? "verdict-ng" : "";
@@ -188,19 +227,40 @@ async function liveLoop() {
             img.dataset.frame = frame;
             const verdict = response.headers.get("X-Verdict");
             const caption = $("live-caption");
-            caption.textContent = `${verdict.toUpperCase()} · score ${response.headers.get("X-Score")} (threshold ${response.headers.get("X-Threshold")}) · frame ${frame} · ${when(Number(response.headers.get("X-Captured")))}`;
+            const captured = Number(response.headers.get("X-Captured"));
+            img.dataset.captured = captured;
+            caption.textContent = `${verdict.toUpperCase()} · score ${response.headers.get("X-Score")} (threshold ${response.headers.get("X-Threshold")}) · frame ${frame} · ${when(captured)}`;
             caption.className = `verdict-${verdict}`;
             if (old) URL.revokeObjectURL(old);
           }
+          if (lastStatus) showLiveState(lastStatus);
         } else if (response.status === 401) {
+          csrf = null;
           showLogin();
         }
       } catch (err) {
-        $("live-caption").textContent = "the station does not answer";
+        showLiveState({ status: "no answer", reason: "the station does not answer" });
       }
     }
     await sleep(LIVE_PERIOD_MS);
   }
+}
+
+// The picture stays, but says when it is not the station's present: the camera failed, the
+// station is paused or does not answer, or (running free) no frame has come for 5 s.
+const STALE_AFTER_S = 5;
+
+function showLiveState(s) {
+  const img = $("live-img");
+  const captured = Number(img.dataset.captured);
+  if (!img.dataset.frame) return;
+  let why = "";
+  if (s.status === "degraded" || s.status === "no answer") why = s.reason || s.status;
+  else if (s.status === "paused") why = "inspection paused";
+  else if (s.mode === "free" && Date.now() / 1000 - captured > STALE_AFTER_S) why = "no new frame";
+  $("live").classList.toggle("stale", Boolean(why));
+  $("live-stale").hidden = !why;
+  $("live-stale").textContent = why ? `${why}: this picture is from ${when(captured)}, not now` : "";
 }
 
 for (const label of ["normal", "anomaly"]) {
@@ -222,7 +282,7 @@ act($("resume"), async () => {
 });
 act($("trigger"), async () => {
   await post("/api/station/trigger");
-  return "";
+  return "inspecting a fresh frame; its verdict appears above";
 });
 
 // --- history ---
@@ -244,7 +304,12 @@ async function loadHistory(fresh) {
     for (const r of doc.records) {
       const row = el(
         "tr",
-        { "data-seq": r.seq, onclick: () => openRecord(r, row) },
+        {
+          "data-seq": r.seq,
+          tabindex: "0",
+          onclick: () => openRecord(r, row),
+          onkeydown: (e) => (e.key === "Enter" || e.key === " ") && (e.preventDefault(), openRecord(r, row)),
+        },
         el("td", { class: "n", text: r.seq }),
         el("td", { text: when(r.wall) }),
         el("td", { text: r.part_id || "" }),
@@ -276,6 +341,8 @@ function openRecord(r, row) {
   $("record-frame").parentElement.hidden = !r.has_frame;
   $("record-none").hidden = r.has_frame;
   $("record-actions").hidden = !r.has_frame;
+  // On a phone the record opens below all the rows: bring it into view.
+  $("record").scrollIntoView({ block: "nearest", behavior: "smooth" });
 }
 
 $("history-ng").addEventListener("change", () => loadHistory(true));
@@ -305,7 +372,7 @@ async function loadDataset() {
 }
 
 function datasetCard(item) {
-  const label = el("select", { "aria-label": "label" },
+  const label = el("select", { "aria-label": `label of ${item.name}` },
     el("option", { value: "normal", text: "good" }), el("option", { value: "anomaly", text: "defect" }));
   label.value = item.label;
   label.addEventListener("change", () => change(() => post("/api/dataset/move", { id: item.id, label: label.value })));
@@ -327,10 +394,10 @@ function datasetCard(item) {
 async function change(work) {
   try {
     await work();
-    await loadDataset();
   } catch (err) {
     say(err.message, true);
   }
+  await loadDataset(); // what the dataset holds now, whether the change was made or not
 }
 
 $("upload-files").addEventListener("change", async (event) => {
@@ -347,7 +414,8 @@ $("upload-files").addEventListener("change", async (event) => {
     }
   }
   event.target.value = "";
-  say(`${added} image(s) added as ${labelName(label)}. ${failed.join(" ")}`, failed.length > 0);
+  const refused = failed.length ? ` ${failed.length} refused: ${failed.join("; ")}` : "";
+  say(`${added} image(s) added as ${labelName(label)}.${refused}`, failed.length > 0);
   loadDataset();
 });
 
@@ -363,6 +431,7 @@ const LOWER_IS_BETTER = new Set(["fn", "fp"]);
 // either changes (a training ended, a model was swapped in or discarded).
 let resultKey = null;
 const keyOf = (t, runningId) => `${t.state}|${t.ended}|${runningId}`;
+let trainedId = null; // the candidate the result on screen is of
 
 async function loadTraining() {
   try {
@@ -381,6 +450,9 @@ function showTrainingState(t, runningId) {
   $("train-cancel").hidden = !running;
   $("train-progress").hidden = !running;
   $("train-state").dataset.state = t.state;
+  $("train-state").className = t.state === "failed" ? "verdict-ng" : "";
+  // A result on screen during a run is an earlier one: not to be taken for this run's.
+  if (running) $("result").hidden = true;
   if (running) {
     $("train-progress").max = Math.max(t.total, 1);
     $("train-progress").value = t.done;
@@ -409,8 +481,9 @@ async function loadTrainingResult() {
 
 function showResult(doc) {
   const s = doc.summary;
-  $("result").hidden = !s;
+  $("result").hidden = !s || doc.state === "running";
   if (!s) return;
+  trainedId = doc.candidate_id;
   const cand = s.evaluation.candidate;
   const run = s.evaluation.running;
   const inUse = doc.candidate_id === doc.running_id;
@@ -427,7 +500,9 @@ function showResult(doc) {
   $("result-facts").textContent =
     `Trained on ${m.train_normal_count} good images` +
     (m.train_anomaly_count ? ` and ${m.train_anomaly_count} defects` : "") +
-    ` in ${fmt(s.seconds, 1)} s; threshold ${fmt(m.threshold)} (${m.calibration}). ` +
+    ` in ${fmt(s.seconds, 1)} s on ${when(Date.parse(m.created) / 1000)}` +
+    (doc.state === "failed" ? " (an earlier training: the last one failed)" : "") +
+    `; threshold ${fmt(m.threshold)} (${m.calibration}). ` +
     (cand ? `Tested on ${s.test_images} held-back images.` : "No images are held back for testing, so there is no comparison: add more images to the dataset.");
   const body = document.querySelector("#compare tbody");
   body.replaceChildren();
@@ -475,7 +550,8 @@ act($("train-cancel"), async () => {
   return "training cancelled";
 });
 act($("activate"), async () => {
-  await post("/api/training/activate");
+  // The id shown: if another tab trained or discarded meanwhile, the station refuses.
+  await post("/api/training/activate", { id: trainedId });
   return "checking the new model on the newest frame; it is swapped in between two frames";
 });
 act($("discard"), async () => {
