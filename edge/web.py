@@ -273,6 +273,7 @@ class Web:
                 "model_event": event
                 and {"wall": event.wall, "taken": event.taken, "text": event.text},
                 "training": self.trainer.state(),
+                "candidate": self.trainer.candidate_model is not None,
             }
         )
 

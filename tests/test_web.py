@@ -194,7 +194,7 @@ def test_status_strip_reports_state_model_speed_and_broker(
         "connected": True,
         "address": f"{broker.host}:{broker.port}",
     }
-    assert doc["training"] == {"state": "idle"}
+    assert doc["training"] == {"state": "idle"} and doc["candidate"] is False
     broker.stop()
     wait_until(lambda: not page.get("/api/status")[1]["broker"]["connected"], what="offline")
 

@@ -202,6 +202,10 @@ function showStatus(s) {
   const event = s.model_event;
   $("model-event").textContent = event ? `${when(event.wall)}: ${event.text}` : "";
   $("model-event").className = event && !event.taken ? "verdict-ng" : "";
+  // "Try" offers the new model only while there is one.
+  const trialNew = document.querySelector('#trial-model option[value="candidate"]');
+  trialNew.disabled = !s.candidate;
+  if (!s.candidate && $("trial-model").value === "candidate") $("trial-model").value = "running";
   if (tab === "train") showTrainingState(s.training, s.model.id);
 }
 
