@@ -317,7 +317,10 @@ def train(
     if not data.is_dir():
         raise TrainError(f"training folder {data} does not exist")
     if not normal_dir.is_dir():
-        raise TrainError(f"training folder {data} has no normal/ folder of good images")
+        hint = (
+            f" (give {data / 'train'}, which has one)" if (data / "train/normal").is_dir() else ""
+        )
+        raise TrainError(f"training folder {data} has no normal/ folder of good images{hint}")
     normal_paths = list_images(normal_dir)
     if len(normal_paths) < MIN_NORMAL:
         raise TrainError(

@@ -241,6 +241,12 @@ def test_region_with_mixed_sizes_is_refused(tmp_path: Path, textures: Path) -> N
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_a_whole_project_folder_is_pointed_to_its_train_folder(tmp_path: Path, parts: Path) -> None:
+    # Lookout for Vision's projects hold train/ and test/: the folder given one level too high.
+    with pytest.raises(TrainError, match=rf"has no normal/ folder .*\(give {parts / 'train'}, "):
+        train(parts, tmp_path / "x.onnx")
+
+
 def test_too_few_good_images_is_refused(tmp_path: Path, textures: Path) -> None:
     data = tmp_path / "few" / "normal"
     data.mkdir(parents=True)
