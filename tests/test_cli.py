@@ -37,6 +37,8 @@ def test_train_prints_progress_and_a_summary(tmp_path: Path, textures: Path) -> 
     assert r.returncode == 0, r.stderr
     assert "features: 80/80 views" in r.stderr  # 20 good images and 3 shifted copies of each
     assert "threshold" in r.stdout and "expected false rejects" in r.stdout
+    # the fitted rate, and what the held-out images themselves show
+    assert re.search(r"held-out good images above the threshold: \d+ of 20", r.stdout)
     assert out.is_file() and not list(tmp_path.glob(".*.tmp"))
     assert out.stat().st_mode & 0o777 == 0o644, "the station's own user must be able to read it"
 
