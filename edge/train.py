@@ -36,7 +36,7 @@ BANK_MAX = 1536  # bounds inference time: one [patches x bank] matrix product pe
 PATCH_BUDGET = 200_000
 CALIBRATION_VIEWS = 200
 MAX_THREADS = 64
-NEAR_COPY = 0.25  # see near_copies()
+NEAR_COPY = 0.5  # see near_copies()
 
 Progress = Callable[[str, int, int], None]
 
@@ -185,39 +185,46 @@ def position_stats(raw_maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), (1.0 / scale).astype(np.float32)
 
 
-def near_copies(
-    fmaps: list[np.ndarray], owners: list[int], raw_maps: list[np.ndarray]
-) -> list[set[int]]:
-    """For each held-out view, the other images that are near copies of it.
+def near_copies(fmaps: list[np.ndarray], owners: list[int]) -> dict[int, set[int]]:
+    """For each image with a held-out view, the other images that are near copies of it.
 
     Two shots of one part in one place (a burst, or a part left in its fixture) are not two
     samples of good parts: leaving one out while its copy stays in the bank scores it as if
     nothing ever varied, and sets the threshold too low. Image j is a near copy of view i
-    when, position by position, i's patches lie closer to j's than NEAR_COPY times their
-    usual distance to the nearest patch of the other images (both as root mean squares).
-    Measured: shots of one part differing by sensor noise come to about 0.1, the same part
-    placed again to 0.35, different parts in the development sets' training images to 0.5
-    and more.
+    when their patches, position by position, differ by less than NEAR_COPY times as much
+    as i's patches differ from their neighbours one cell over (both as root mean squares):
+    a yardstick of the picture's own, which holds when every image is a copy.
+
+    Measured: shots differing by sensor noise come to 0.1-0.47; the same cookie placed again,
+    0.56; different parts in the development sets' training images, 0.7 and more. Only the
+    held-out views are compared (at most CALIBRATION_VIEWS): in a larger set, a copy whose
+    twin was not drawn goes unseen.
     """
-    out: list[set[int]] = [set() for _ in fmaps]
-    # mean over positions of the squared nearest-neighbour distance, per view
-    reach = [float(np.mean(np.square(r, dtype=np.float64))) for r in raw_maps]
+
+    def yardstick(f: np.ndarray) -> float:
+        # mean over positions of the squared patch distance to the next cell down, and across
+        steps = [
+            np.square(np.diff(f[0], axis=a)).sum(0).mean() for a in (1, 2) if f.shape[a + 1] > 1
+        ]
+        return float(np.mean(steps)) if steps else 0.0
+
+    out: dict[int, set[int]] = {}
+    own = [yardstick(f) for f in fmaps]
     for i, j in itertools.combinations(range(len(fmaps)), 2):
         if owners[i] == owners[j] or fmaps[i].shape != fmaps[j].shape:
             continue
         diff = (fmaps[i] - fmaps[j]).ravel()  # one view's size at a time, never all of them
         aligned = float(np.dot(diff, diff)) / (fmaps[i].shape[2] * fmaps[i].shape[3])
-        if aligned < NEAR_COPY**2 * reach[i]:
-            out[i].add(owners[j])
-        if aligned < NEAR_COPY**2 * reach[j]:
-            out[j].add(owners[i])
+        if aligned < NEAR_COPY**2 * min(own[i], own[j]):
+            out.setdefault(owners[i], set()).add(owners[j])
+            out.setdefault(owners[j], set()).add(owners[i])
     return out
 
 
-def _check_copies(copies: list[set[int]], owners: list[int], paths: list[Path]) -> None:
+def _check_copies(copies: dict[int, set[int]], owners: list[int], paths: list[Path]) -> None:
     """Say when some good images are near copies of others; refuse when fewer than MIN_NORMAL
     different pictures are left, as there would be too few to learn from and calibrate."""
-    pairs = [(owners[i], j) for i, twins in enumerate(copies) for j in sorted(twins)]
+    pairs = sorted((a, b) for a, twins in copies.items() for b in twins if a < b)
     if not pairs:
         return
     root = list(range(len(paths)))
@@ -231,20 +238,20 @@ def _check_copies(copies: list[set[int]], owners: list[int], paths: list[Path]) 
         root[find(a)] = find(b)
     shown = set(owners)
     distinct = len({find(k) for k in shown})
-    involved = {k for pair in pairs for k in pair}
     a, b = pairs[0]
     example = f"{paths[a].name} and {paths[b].name}"
     if distinct < MIN_NORMAL:
         raise TrainError(
-            f"of the {len(shown)} good images only {distinct} differ by more than camera noise; "
-            f"the others are near copies (such as {example}: the same part in the same place). "
+            f"of the {len(shown)} good images compared, only {distinct} "
+            f"{'differs' if distinct == 1 else 'differ'} by more than camera noise; the "
+            f"others are near copies (such as {example}: the same part in the same place). "
             f"Take at least {MIN_NORMAL} different good parts, or place the part again between "
             "shots"
         )
     log.warning(
         "%d good images are near copies of others (such as %s); each is held out with its "
         "copies when the threshold is set",
-        len(involved),
+        len(copies),
         example,
     )
 
@@ -418,17 +425,14 @@ def train(
     # Held-out maps: each good image against the bank without the entries it contributed. They
     # give the distances good parts show at each position class, then the held-out scores.
     steps = 2 * len(fmaps) + len(anomaly_paths)
-    held_out = [bank_owner != i for i in fmap_owner]
+    # An image is held out with its near copies, in every view of it (turned copies too).
+    copies = near_copies(fmaps, fmap_owner)
+    _check_copies(copies, fmap_owner, normal_paths)
+    held_out = [~np.isin(bank_owner, [i, *copies.get(i, ())]) for i in fmap_owner]
     raw_maps = []
     for i, fmap in enumerate(fmaps):
         raw_maps.append(score(fmap, held_out[i])[1])
         progress("calibration", i + 1, steps)
-    copies = near_copies(fmaps, fmap_owner, raw_maps)
-    _check_copies(copies, fmap_owner, normal_paths)
-    for i, twins in enumerate(copies):
-        if twins:
-            held_out[i] &= ~np.isin(bank_owner, sorted(twins))
-            raw_maps[i] = score(fmaps[i], held_out[i])[1]
     mean, inv_scale = position_stats(raw_maps)
     stats = {"mean": mean, "inv_scale": inv_scale}
     normal_scores = []
