@@ -171,6 +171,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     model = Model(args.model, threads=1)
     paths = [p for arg in args.images for p in (list_images(arg) if arg.is_dir() else [arg])]
+    inputs = {p.resolve() for p in paths}
     args.overlays.mkdir(parents=True, exist_ok=True)
     out = []
     failed: list[dict[str, str]] = []  # one unreadable photo does not end a trial run
@@ -188,7 +189,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
             continue
         # a/001.jpg and b/001.jpg (or 001.jpg and 001.png) each keep their own overlay
         name = next(
-            n for k in itertools.count() if (n := path.stem + (f"-{k}" if k else "")) not in names
+            n
+            for k in itertools.count()
+            if (n := path.stem + (f"-{k}" if k else "")) not in names
+            and (args.overlays / f"{n}.jpg").resolve() not in inputs  # never over a photo
         )
         names.add(name)
         overlay = args.overlays / f"{name}.jpg"

@@ -237,8 +237,8 @@ def _jpeg_size(data: bytes, name: str) -> tuple[int, int]:
             if size is None:
                 break
             return size
-        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte, no length
-            i += 1 if marker == 0xFF else 2
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01):  # no length
+            i += 1 if marker == 0xFF else 2  # a fill byte; a restart; FF 00 (stray) or TEM
             continue
         if i + 4 > n:
             break

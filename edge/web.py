@@ -55,7 +55,10 @@ SHOWN_FRAMES = 4  # live frames held for "add this frame" (1 s at 4 pictures a s
 _REPORT_CSP = (
     "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'self'"
 )
-_REPORT_FILE = re.compile(r"^(candidate|running)/(report\.html|overlays/[A-Za-z0-9._-]+\.jpg)$")
+# Overlays are JPEG; a report made by an earlier version has PNG ones.
+_REPORT_FILE = re.compile(
+    r"^(candidate|running)/(report\.html|overlays/[A-Za-z0-9._-]+\.(?:jpg|png))$"
+)
 
 
 Handler = Callable[[Request, re.Match[str]], Reply]
@@ -509,8 +512,9 @@ class Web:
         path = self.trainer.candidate_dir / m[1]
         if not path.is_file():
             raise HttpError(404, f"there is no {m[1]} in the training results")
-        if path.suffix == ".jpg":
-            return Reply(200, path.read_bytes(), "image/jpeg")
+        if path.suffix in (".jpg", ".png"):
+            kind = "image/jpeg" if path.suffix == ".jpg" else "image/png"
+            return Reply(200, path.read_bytes(), kind)
         return Reply(
             200,
             path.read_bytes(),

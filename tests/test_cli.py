@@ -126,6 +126,23 @@ def test_detect_goes_on_past_an_unreadable_image_and_says_which(
     assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == [f"{good.stem}.jpg"]
 
 
+def test_detect_never_writes_an_overlay_over_a_photo(
+    tmp_path: Path, parts: Path, parts_model: Path
+) -> None:
+    # Overlays are JPEG: pointed at the photos' own folder, part.jpg would be overwritten.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in list_images(parts / "test" / "anomaly")[:2]:
+        cv2.imwrite(str(photos / f"{p.stem}.jpg"), cv2.imread(str(p)))
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    r = run("detect", parts_model, photos, "--overlays", photos)
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.read_bytes() for p in photos.iterdir() if p.name in before} == before
+    assert sorted(p.name for p in photos.iterdir() if p.name not in before) == sorted(
+        f"{Path(n).stem}-1.jpg" for n in before
+    )
+
+
 def test_info_prints_the_contract(parts_model: Path) -> None:
     r = run("info", parts_model, "--json")
     assert r.returncode == 0, r.stderr

@@ -221,6 +221,13 @@ def test_a_motion_photo_is_read_whatever_its_video_holds() -> None:
         assert np.array_equal(image, decode_image(picture, "still.jpg"))
 
 
+def test_stray_bytes_between_segments_are_passed_over_as_decoders_do() -> None:
+    picture = encode(textured_image(), ".jpg")
+    app0 = 4 + int.from_bytes(picture[4:6], "big")  # SOI, then APP0 and its length
+    stray = picture[:app0] + b"\xff\x00\x00" + picture[app0:]
+    assert np.array_equal(decode_image(stray, "stray.jpg"), decode_image(picture, "p.jpg"))
+
+
 def test_progressive_jpeg_is_read_and_its_truncation_refused() -> None:
     data = encode(textured_image(), ".jpg", (cv2.IMWRITE_JPEG_PROGRESSIVE, 1))
     assert data.count(b"\xff\xda") > 1

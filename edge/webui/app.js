@@ -233,6 +233,7 @@ async function liveLoop() {
             const caption = $("live-caption");
             const captured = Number(response.headers.get("X-Captured"));
             img.dataset.captured = captured;
+            img.dataset.arrived = Date.now(); // the browser's clock: the station's may differ
             caption.textContent = `${verdict.toUpperCase()} · score ${response.headers.get("X-Score")} (threshold ${response.headers.get("X-Threshold")}) · frame ${frame} · ${when(captured)}`;
             caption.className = `verdict-${verdict}`;
             if (old) URL.revokeObjectURL(old);
@@ -250,18 +251,22 @@ async function liveLoop() {
   }
 }
 
-// The picture stays, but says when it is not the station's present: the camera failed, the
-// station is paused or does not answer, or (running free) no frame has come for 5 s.
+// The picture stays, but says when it is not the station's present: the station is paused
+// or does not answer, or (running free) no new frame has come for 5 s or three frame times,
+// whichever is longer, with the station's reason if it gives one (a camera fault, say). Ages
+// are taken on the browser's clock, when pictures arrived: the station's may be set apart.
 const STALE_AFTER_S = 5;
 
 function showLiveState(s) {
   const img = $("live-img");
   const captured = Number(img.dataset.captured);
   if (!img.dataset.frame) return;
+  const limit = Math.max(STALE_AFTER_S, s.fps > 0 ? 3 / s.fps : 0);
+  const quiet = (Date.now() - Number(img.dataset.arrived)) / 1000 > limit;
   let why = "";
-  if (s.status === "degraded" || s.status === "no answer") why = s.reason || s.status;
+  if (s.status === "no answer") why = s.reason;
   else if (s.status === "paused") why = "inspection paused";
-  else if (s.mode === "free" && Date.now() / 1000 - captured > STALE_AFTER_S) why = "no new frame";
+  else if (s.mode === "free" && quiet) why = s.status === "degraded" && s.reason ? s.reason : "no new frame";
   $("live").classList.toggle("stale", Boolean(why));
   $("live-stale").hidden = !why;
   $("live-stale").textContent = why ? `${why}: this picture is from ${when(captured)}, not now` : "";
