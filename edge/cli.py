@@ -184,7 +184,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise ImageError(f"image {path}: {exc}") from None
         except ImageError as exc:
-            print(f"edge-inspect: {exc}", file=sys.stderr)
+            _fail(str(exc))
             failed.append({"file": str(path), "error": str(exc)})
             continue
         # a/001.jpg and b/001.jpg (or 001.jpg and 001.png) each keep their own overlay
@@ -334,7 +334,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     try:
         watch(cfg, as_json=args.json, count=args.count, seconds=args.seconds)
     except BrokerUnavailable as exc:
-        print(f"edge-inspect: {exc}", file=sys.stderr)
+        _fail(str(exc))
         return EX_UNAVAILABLE
     return 0
 
@@ -360,7 +360,7 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
         print("edge-inspect: the password is not valid UTF-8 text", file=sys.stderr)
         return EX_USAGE
     except ValueError as exc:
-        print(f"edge-inspect: {exc}", file=sys.stderr)
+        _fail(str(exc))
         return EX_USAGE
     print("# put this line in the [web] section of the station's config:")
     print(f'password_hash = "{stored}"')
@@ -505,6 +505,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(message: str) -> None:
+    """The one line saying why a command failed; under systemd, at the journal's error level
+    (a service that will not start must show in `journalctl -p warning`)."""
+    print(f"{'<3>' if _to_journal() else ''}edge-inspect: {message}", file=sys.stderr)
+
+
 class _JournalFormatter(logging.Formatter):
     """Starts each line with its syslog priority, which journald takes as the entry's level,
     so that `journalctl -p warning` finds the warnings."""
@@ -513,7 +519,8 @@ class _JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         priority = next((p for level, p in self.PRIORITIES if record.levelno >= level), 7)
-        return f"<{priority}>{super().format(record)}"
+        # every line: journald reads each as an entry of its own (a traceback's too)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).split("\n"))
 
 
 def _to_journal() -> bool:
@@ -546,32 +553,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"edge-inspect: {problem}", file=sys.stderr)
+            _fail(problem)
         return EX_CONFIG
     except OptionError as exc:
-        print(f"edge-inspect: {exc}", file=sys.stderr)
+        _fail(str(exc))
         return EX_USAGE
     except (ImageError, ModelError, TrainError) as exc:
         missing = "does not exist" in str(exc)
-        print(f"edge-inspect: {exc}", file=sys.stderr)
+        _fail(str(exc))
         return EX_NOINPUT if missing else EX_DATAERR
     except SourceError as exc:
-        print(f"edge-inspect: {exc}", file=sys.stderr)
+        _fail(str(exc))
         return EX_UNAVAILABLE
     except JournalError as exc:
-        print(f"edge-inspect: {exc}", file=sys.stderr)
+        _fail(str(exc))
         return EX_CANTCREAT
     except FileNotFoundError as exc:
-        print(f"edge-inspect: {exc}", file=sys.stderr)
+        _fail(str(exc))
         return EX_NOINPUT
     except BrokenPipeError:  # `edge-inspect records | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except PermissionError as exc:  # reading too: `records` as a user not in the station's group
-        print(f"edge-inspect: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        _fail(f"{exc.filename}: {exc.strerror}")
         return EX_NOPERM
     except OSError as exc:
-        print(f"edge-inspect: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        _fail(f"cannot write {exc.filename}: {exc.strerror}")
         return EX_CANTCREAT
     except KeyboardInterrupt:  # nothing half-written is left: outputs are written atomically
         print("\nedge-inspect: interrupted", file=sys.stderr)

@@ -219,6 +219,10 @@ class _Handler(BaseHTTPRequestHandler):
             reply = self.server.answer(req)
         except HttpError as exc:
             reply = json_reply({"error": exc.message}, exc.status)
+        except (TimeoutError, ConnectionError) as exc:  # the client stalled or went: not ours
+            log.debug("request %s %s: the client's connection failed: %s", method, url.path, exc)
+            self.close_connection = True
+            return
         except OSError as exc:  # a file the station cannot write (owner, disk): said, no traceback
             what = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
             if isinstance(exc, PermissionError):

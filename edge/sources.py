@@ -45,6 +45,11 @@ class SourceEnded(SourceError):
     """A replay that does not loop has handed out its last frame."""
 
 
+class SourceTimeout(SourceError):
+    """No frame came within the time asked for (the camera may only be slow, or waiting for
+    a part: one triggered by hardware)."""
+
+
 class FrameSource(Protocol):
     """A camera, or something that behaves like one: it runs on its own and newest frame wins.
 
@@ -155,7 +160,10 @@ class FolderReplay:
             except OSError as exc:  # no permission, or out of file descriptors
                 raise SourceError(f"folder {path} cannot be listed: {exc.strerror}") from None
             self._count = len(self._images)
-        resume %= max(1, min(self._count, sys.maxsize))
+        if self._is_video:
+            resume = 0  # reaching the frame again would mean decoding every one before it
+        elif self.cfg.loop:
+            resume %= max(1, self._count)
         self._t0, self._next = time.monotonic() - resume * self._period, resume
         logger.info("%s: replaying at %g frames/s", self.name, self.cfg.fps)
 
@@ -178,7 +186,7 @@ class FolderReplay:
             wait = exposed - time.monotonic()
             if wait > timeout_s:
                 time.sleep(timeout_s)
-                raise SourceError(f"{self.name} gave no frame within {timeout_s:g} s")
+                raise SourceTimeout(f"{self.name} gave no frame within {timeout_s:g} s")
             if wait > 0:
                 time.sleep(wait)
             try:
@@ -285,13 +293,16 @@ class OpenCVCamera:
             )
             raise SourceError(f"{self.name}: this OpenCV has no {self.cfg.backend} backend{hint}")
         # A network camera that accepts the connection and then says nothing would block the
-        # loop, and so the watchdog, for 30 s or more: bound the open and each read.
-        timeouts = [
-            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
-            int(OPEN_TIMEOUT_S * 1000),
-            cv2.CAP_PROP_READ_TIMEOUT_MSEC,
-            int(READ_TIMEOUT_S * 1000),
-        ]
+        # loop, and so the watchdog, for 30 s or more: bound the open and each read. Only for
+        # a URL: FFmpeg takes these, but V4L2 (every USB camera) refuses to open with them.
+        timeouts: list[int] = []
+        if isinstance(device, str) and "://" in device and backend in (cv2.CAP_ANY, cv2.CAP_FFMPEG):
+            timeouts = [
+                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+                int(OPEN_TIMEOUT_S * 1000),
+                cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                int(READ_TIMEOUT_S * 1000),
+            ]
         capture = cv2.VideoCapture(device, backend, timeouts)
         if not capture.isOpened():
             capture.release()
@@ -366,7 +377,7 @@ class OpenCVCamera:
                     raise SourceError(f"{self.name} is not open")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise SourceError(f"{self.name} gave no frame within {timeout_s:g} s")
+                    raise SourceTimeout(f"{self.name} gave no frame within {timeout_s:g} s")
                 self._cond.wait(left)
             if after is None:
                 self.dropped += latest.seq - self._handed - 1
@@ -477,7 +488,7 @@ class PiCamera:
                 metadata = request.get_metadata()
         except (TimeoutError, FutureTimeoutError):
             camera.cancel_all_and_flush()  # or the abandoned job would take a buffer later
-            raise SourceError(f"{self.name} gave no frame within {timeout_s:g} s") from None
+            raise SourceTimeout(f"{self.name} gave no frame within {timeout_s:g} s") from None
         except Exception as exc:
             raise SourceError(f"{self.name} failed to capture: {exc}") from exc
         image = check_frame(image, self.name)

@@ -28,7 +28,7 @@ from edge.journal import Journal, JournalError, Record
 from edge.model import Model, ModelError
 from edge.mqtt import COMMANDS, Link, part_id_of
 from edge.overlay import OVERLAY_SIDE, draw_preview
-from edge.sources import Frame, FrameSource, SourceEnded, SourceError, open_source
+from edge.sources import Frame, FrameSource, SourceEnded, SourceError, SourceTimeout, open_source
 from edge.storage import FrameStore
 from edge.systemd import Notifier
 
@@ -190,6 +190,7 @@ class Station:
         self._ok_count = 0
         self._source_failures = 0
         self._open_error = ""  # why the source last failed to open, until it opens
+        self._fault = ""  # why the source last failed
         self.max_delay_s = cfg.trigger.max_delay_ms / 1000
         self._over_quiet_until = 0.0  # over-budget verdicts are logged once a minute at most
         self._over_unlogged = 0
@@ -345,7 +346,10 @@ class Station:
             self._set_status("paused", "paused by command")
         elif name == "resume":
             self.paused = False
-            self._set_status("online", "")
+            if self._source_failures:  # the camera has not delivered since it failed
+                self._set_status("degraded", self._open_error or self._fault)
+            else:
+                self._set_status("online", "")
         elif name == "reload":
             self.reload()
         elif name == "trigger":
@@ -532,6 +536,7 @@ class Station:
         """Report the camera fault, back off, and reopen the source after repeated failures."""
         self.stats.source_errors += 1
         self._source_failures += 1
+        self._fault = str(exc)
         self._set_status("degraded", str(exc))
         delay = min(SOURCE_RETRY_MIN_S * 2 ** (self._source_failures - 1), SOURCE_RETRY_MAX_S)
         end = time.monotonic() + delay
@@ -560,14 +565,32 @@ class Station:
             self._open_error = str(exc)
             if first:
                 self._source_failed(exc)
-            else:
+            elif not self.paused:  # paused stays paused; resume says the fault
                 self._set_status("degraded", str(exc))
+
+    def _read(self, after: float | None, wait_s: float) -> Frame:
+        """source.read, in slices of at most a second with a watchdog ping between them: a
+        camera triggered by hardware may wait for its next part longer than WatchdogSec."""
+        end = time.monotonic() + wait_s
+        while True:
+            try:
+                slice_s = max(0.0, min(end - time.monotonic(), 1.0))
+                return self.source.read(after=after, timeout_s=slice_s)
+            except SourceTimeout:
+                if time.monotonic() >= end or self._stop.is_set():
+                    raise SourceTimeout(
+                        f"{self.source.name} gave no frame within {wait_s:g} s"
+                    ) from None
+                self.notifier.ping()
 
     def _inspect(self, after: float | None, part_id: str | None) -> None:
         """Inspect the newest frame, or for a trigger (after: when it arrived) the first one
         exposed after it, if that comes within trigger.max_delay_ms; refuse the trigger if not."""
+        wait_s = self.cfg.source.frame_timeout_s
+        if after is not None:  # a frame after the trigger's deadline would be refused anyway
+            wait_s = min(wait_s, max(0.0, after + self.max_delay_s - time.monotonic()))
         try:
-            frame = self.source.read(after=after, timeout_s=self.cfg.source.frame_timeout_s)
+            frame = self._read(after, wait_s)
             self._last_frame = frame  # a new model is tried on it, even if this one refuses it
             try:
                 self.model.check_frame(frame.image)
@@ -576,6 +599,16 @@ class Station:
         except SourceEnded:
             raise
         except SourceError as exc:
+            if self._stop.is_set():  # the wait was cut short to stop: not a camera fault
+                return
+            if isinstance(exc, SourceTimeout) and wait_s < self.cfg.source.frame_timeout_s:
+                # Only this trigger's deadline passed: the camera is not known to be at fault.
+                why = (
+                    f"no verdict for part {part_id or '(none)'}: no frame came within "
+                    "trigger.max_delay_ms of the trigger"
+                )
+                self._refuse("trigger", why, part_id)
+                return
             # After a failed reopen, "not open" would hide why: report the reason it failed.
             fault = SourceError(self._open_error) if self._open_error else exc
             if after is not None:  # the controller waits for this part's verdict: say why not

@@ -440,11 +440,15 @@ class Web:
     # --- training and models ---
 
     def _training(self, req: Request, m: re.Match[str]) -> Reply:
+        # The state first: "done" is set after the candidate is in place, so a page that reads
+        # "done" always finds its summary (read the other way round, a run that ended in
+        # between came out "done" without one).
+        state = self.trainer.state()
         summary = self.trainer.summary()
         candidate = self.trainer.candidate_model
         return json_reply(
             {
-                **self.trainer.state(),
+                **state,
                 "summary": summary,
                 "candidate_id": summary["model_id"] if summary else None,
                 "candidate": candidate is not None,

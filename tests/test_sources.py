@@ -337,13 +337,15 @@ def test_opencv_without_gstreamer_says_so() -> None:
 
 class GlitchingCapture:
     """Stands in for a USB camera (none can be here) whose cable glitches: frames, then
-    nothing for a while, then frames again, on the same open device."""
+    nothing for a while, then frames again, on the same open device. Like OpenCV's V4L2
+    backend, it does not open when given open parameters (timeouts): it takes none."""
 
-    def __init__(self, *args: object) -> None:
+    def __init__(self, device: object, backend: int = 0, params: object = ()) -> None:
         self.reads = 0
+        self.opened = not params
 
     def isOpened(self) -> bool:
-        return True
+        return self.opened
 
     def set(self, prop: int, value: float) -> bool:
         return True
@@ -389,6 +391,14 @@ def test_a_reopened_folder_goes_on_where_it_was(tmp_path: Path, sources: list[Fr
     source.close()
     source.open()
     assert index_of(source.read()) > seen[-1]
+    # A replay that does not loop, reopened after its last frame, has ended: not started again.
+    once = opened(sources, open_source(folder(write_images(tmp_path / "once", 3), 50, False)))
+    while index_of(once.read()) < 2:
+        pass
+    once.close()
+    once.open()
+    with pytest.raises(SourceEnded):
+        once.read()
 
 
 # The Pi camera, through tests/fake_picamera2.py
