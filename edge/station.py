@@ -191,6 +191,7 @@ class Station:
         self._source_failures = 0
         self._open_error = ""  # why the source last failed to open, until it opens
         self._fault = ""  # why the source last failed
+        self._delivered_at = 0.0  # time.monotonic() of the last frame, or of the source's open
         self.max_delay_s = cfg.trigger.max_delay_ms / 1000
         self._over_quiet_until = 0.0  # over-budget verdicts are logged once a minute at most
         self._over_unlogged = 0
@@ -561,6 +562,7 @@ class Station:
         try:
             self.source.open()
             self._open_error = ""
+            self._delivered_at = time.monotonic()  # a frame may take frame_timeout_s to come
         except SourceError as exc:
             self._open_error = str(exc)
             if first:
@@ -592,6 +594,7 @@ class Station:
         try:
             frame = self._read(after, wait_s)
             self._last_frame = frame  # a new model is tried on it, even if this one refuses it
+            self._delivered_at = time.monotonic()
             try:
                 self.model.check_frame(frame.image)
             except ValueError as exc:  # the camera was set up for another model, say
@@ -601,8 +604,14 @@ class Station:
         except SourceError as exc:
             if self._stop.is_set():  # the wait was cut short to stop: not a camera fault
                 return
-            if isinstance(exc, SourceTimeout) and wait_s < self.cfg.source.frame_timeout_s:
-                # Only this trigger's deadline passed: the camera is not known to be at fault.
+            timeout_s = self.cfg.source.frame_timeout_s
+            if (
+                isinstance(exc, SourceTimeout)
+                and wait_s < timeout_s
+                and time.monotonic() - self._delivered_at < timeout_s
+            ):
+                # Only this trigger's deadline passed, and the camera delivered lately: it is
+                # not known to be at fault. (Silent for frame_timeout_s, it is.)
                 why = (
                     f"no verdict for part {part_id or '(none)'}: no frame came within "
                     "trigger.max_delay_ms of the trigger"

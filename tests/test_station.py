@@ -151,6 +151,38 @@ def test_a_trigger_whose_frame_comes_too_late_gets_no_verdict(
     assert sub.wait_for("state").json()["status"] == "online", "the camera is not at fault"
 
 
+def test_a_camera_silent_for_frame_timeout_s_is_a_fault_in_triggered_mode_too(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    # A trigger waits only until its deadline; one refused for that alone is not a camera
+    # fault, but no frame at all for frame_timeout_s is. (The replay's next frame is 100 s off.)
+    sub = subscribe("silent/#")
+    config = write_config(
+        tmp_path,
+        model_file,
+        replay,
+        broker,
+        "silent",
+        source={"fps": 0.01, "frame_timeout_s": 1},
+        trigger={"mode": "triggered"},
+    )
+    run_station(config)
+    sub.wait_for("status", lambda m: m.payload == b"online")
+    sub.publish("silent/cmd/trigger", json.dumps({"part_id": "S-0"}))
+    first = sub.wait_for("error", lambda m: m.json()["part_id"] == "S-0").json()
+    assert "trigger.max_delay_ms" in first["error"]
+    for k in range(1, 6):
+        time.sleep(0.4)
+        sub.publish("silent/cmd/trigger", json.dumps({"part_id": f"S-{k}"}))
+    degraded = sub.wait_for("state", lambda m: m.json()["status"] == "degraded").json()
+    assert "gave no frame within" in degraded["reason"]
+
+
 def test_triggers_during_a_camera_fault_are_answered_at_once(
     tmp_path: Path,
     model_file: Path,
