@@ -244,7 +244,7 @@ _MAX_FAILURES = 10  # consecutive failed reads before the camera counts as gone
 _RETRY_S = 0.05
 _SLOW_RETRY_S = 0.5  # between reads once it counts as gone
 _JOIN_S = 5.0
-OPEN_TIMEOUT_S = 10.0  # OpenCV's FFmpeg and GStreamer backends honour these
+OPEN_TIMEOUT_S = 10.0  # for network URLs through FFmpeg, which honours them
 READ_TIMEOUT_S = 5.0
 
 
