@@ -170,7 +170,7 @@ async function statusLoop() {
 // Figures that are not known now are not shown: a strip that stays "online, 5 fps, broker
 // connected" while nobody answers would look live.
 function clearStrip() {
-  for (const id of ["st-reason", "st-model", "st-fps", "st-p95", "st-over", "st-backlog"]) $(id).textContent = "–";
+  for (const id of ["st-model", "st-fps", "st-p95", "st-over", "st-backlog"]) $(id).textContent = "–";
   $("st-reason").textContent = "";
   $("st-state").textContent = "–";
   $("st-state").className = "pill";
