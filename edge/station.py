@@ -312,8 +312,10 @@ class Station:
                     self._inspect(after=None, part_id=None)
         except SourceEnded:
             log.info("source %s ended", self.source.name)
+            self._refuse_waiting(f"{self.source.name} has no more frames")
         finally:
             self.notifier.stopping()
+            self._refuse_waiting("the station is stopping")
             self.source.close()
             self._publish_stats()
             if self.web:
@@ -322,6 +324,19 @@ class Station:
                 self.link.stop()
             self.journal.close()
         return 0
+
+    def _refuse_waiting(self, why: str) -> None:
+        """Answer the triggers still queued, so that no part waits for a verdict that will
+        never come (other commands have nothing left to act on)."""
+        while True:
+            try:
+                name, payload, _ = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if name == "trigger":
+                part_id = part_id_of(payload)
+                answer = f"no verdict for part {part_id or '(none)'}: {why}"
+                self._refuse("trigger", answer, part_id)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: finishing the frame in hand", signum)
@@ -599,7 +614,10 @@ class Station:
                 self.model.check_frame(frame.image)
             except ValueError as exc:  # the camera was set up for another model, say
                 raise SourceError(f"{self.source.name}: {exc}") from None
-        except SourceEnded:
+        except SourceEnded as exc:
+            if after is not None:  # the trigger in hand; those still queued are answered later
+                answer = f"no verdict for part {part_id or '(none)'}: {exc}"
+                self._refuse("trigger", answer, part_id)
             raise
         except SourceError as exc:
             if self._stop.is_set():  # the wait was cut short to stop: not a camera fault

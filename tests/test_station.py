@@ -990,3 +990,39 @@ def test_a_slow_camera_keeps_the_watchdog_fed_while_it_waits(
     gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert station.stats.verdicts >= 2 and station.status == "online"
     assert pings and max(gaps) < 1.5
+
+
+def test_every_trigger_is_answered_when_the_replay_ends(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+) -> None:
+    # A replay that does not loop ends; the triggers waiting then (and the one in hand) must
+    # hear why no verdict comes, not be left waiting for ever.
+    sub = subscribe("end/#")
+    config = load_config(
+        write_config(
+            tmp_path,
+            model_file,
+            replay,
+            broker,
+            "end",
+            source={"fps": 20, "loop": False},
+            trigger={"mode": "triggered"},
+        )
+    )
+    station = Station(config)
+    thread = threading.Thread(target=station.run, daemon=True)
+    thread.start()
+    sub.wait_for("status", lambda m: m.payload == b"online")
+    time.sleep(1.5)  # past the replay's last frame
+    for k in range(4):  # queued at once: one is in hand when the replay ends, three wait
+        station.command("trigger", f"E-{k}")
+    thread.join(20)
+    sub.wait_for("status", lambda m: m.payload == b"offline")
+    errors = sub.on("error")
+    assert sorted(m.json()["part_id"] for m in errors) == [f"E-{k}" for k in range(4)]
+    assert all("has no more frames" in m.json()["error"] for m in errors)
+    assert sub.on("verdict") == []
