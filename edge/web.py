@@ -81,6 +81,7 @@ class Web:
         self.local_only = is_loopback(self.cfg.host)
         self._server: Server | None = None
         self._live_lock = threading.Lock()
+        self._previous: tuple[tuple[int, int], str] | None = None  # (mtime, size), model id
         self._live: tuple[Latest, float, bytes] | None = None  # what was shown, when, JPEG
         # The frames recently sent to the page, so "add this frame" finds the one on screen
         # even when a newer picture is already on its way to the browser.
@@ -249,6 +250,19 @@ class Web:
 
     # --- watching ---
 
+    def _previous_id(self) -> str | None:
+        """The id of the model a roll-back would bring back (None if there is none), so that
+        the button can name it; hashed again only when the file changes."""
+        try:
+            st = self.station.previous_model.stat()
+        except OSError:
+            return None
+        key = (st.st_mtime_ns, st.st_size)
+        if self._previous is None or self._previous[0] != key:
+            digest = hashlib.sha256(self.station.previous_model.read_bytes()).hexdigest()
+            self._previous = (key, digest[:12])
+        return self._previous[1]
+
     def _status(self, req: Request, m: re.Match[str]) -> Reply:
         st = self.station
         model = st.model
@@ -272,7 +286,7 @@ class Web:
                     "address": f"{st.cfg.mqtt.host}:{st.cfg.mqtt.port}",
                 },
                 "model": _model_doc(model),
-                "previous_model": st.previous_model.is_file(),
+                "previous_model": self._previous_id(),
                 "model_event": event
                 and {"wall": event.wall, "taken": event.taken, "text": event.text},
                 "training": self.trainer.state(),

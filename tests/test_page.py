@@ -168,6 +168,7 @@ def test_watch_label_train_swap_and_try_in_a_browser(
     assert model.read_bytes() == (station.web.trainer.candidate_dir / "model.onnx").read_bytes()
     wait.until(lambda _: "replaced" in text("model-event"))
     wait.until(lambda _: not find(By.ID, "rollback").get_attribute("hidden"))
+    assert text("rollback") == f"Go back to model {first_model}"
     shot("4-swapped")
 
     # Trial detection: upload a defective and a good part, see verdicts and overlays.

@@ -646,7 +646,8 @@ def test_train_evaluate_activate_and_roll_back(start_page: StartPage, parts: Pat
         model_file.read_bytes() == (station.web.trainer.candidate_dir / "model.onnx").read_bytes()
     )
     status_doc = page.get("/api/status")[1]
-    assert status_doc["model"]["id"] == doc["candidate_id"] and status_doc["previous_model"]
+    assert status_doc["model"]["id"] == doc["candidate_id"]
+    assert status_doc["previous_model"] == first  # the roll-back button names it
     assert status_doc["model_event"]["taken"] is True
     n = station.stats.verdicts
     wait_until(lambda: station.stats.verdicts > n + 5, what="inspection after the swap")

@@ -196,6 +196,9 @@ function showStatus(s) {
   $("st-broker").title = s.broker.address;
   $("st-backlog").textContent = s.backlog === null ? "–" : s.backlog;
   $("rollback").hidden = !s.previous_model;
+  // Named: after a roll-back the "previous" model is the one just left, so the button would
+  // otherwise read the same and do the opposite.
+  $("rollback").textContent = s.previous_model ? `Go back to model ${s.previous_model}` : "";
   $("pause").hidden = s.paused;
   $("resume").hidden = !s.paused;
   $("trigger").hidden = s.mode !== "triggered" || s.paused;
