@@ -334,9 +334,7 @@ class Station:
             except queue.Empty:
                 return
             if name == "trigger":
-                part_id = part_id_of(payload)
-                answer = f"no verdict for part {part_id or '(none)'}: {why}"
-                self._refuse("trigger", answer, part_id)
+                self._no_verdict(part_id_of(payload), why)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: finishing the frame in hand", signum)
@@ -382,6 +380,10 @@ class Station:
     def _refuse(self, command: str, why: str, part_id: str | None = None) -> None:
         if self.link:
             self.link.publish_error(command, why, part_id)
+
+    def _no_verdict(self, part_id: str | None, why: str) -> None:
+        """Tell the line controller that this part's trigger gets no verdict, and why."""
+        self._refuse("trigger", f"no verdict for part {part_id or '(none)'}: {why}", part_id)
 
     @property
     def previous_model(self) -> Path:
@@ -562,9 +564,7 @@ class Station:
             # picture of whatever is under the camera by then.
             trigger = self._handle_commands()
             if trigger is not None:
-                part_id = trigger[0].part_id
-                why = f"no verdict for part {part_id or '(none)'}: {exc}"
-                self._refuse("trigger", why, part_id)
+                self._no_verdict(trigger[0].part_id, str(exc))
             self._stop.wait(min(left, 0.1))
         if self._source_failures % SOURCE_REOPEN_AFTER == 0 and not self._stop.is_set():
             log.warning(
@@ -616,8 +616,7 @@ class Station:
                 raise SourceError(f"{self.source.name}: {exc}") from None
         except SourceEnded as exc:
             if after is not None:  # the trigger in hand; those still queued are answered later
-                answer = f"no verdict for part {part_id or '(none)'}: {exc}"
-                self._refuse("trigger", answer, part_id)
+                self._no_verdict(part_id, str(exc))
             raise
         except SourceError as exc:
             if self._stop.is_set():  # the wait was cut short to stop: not a camera fault
@@ -630,17 +629,13 @@ class Station:
             ):
                 # Only this trigger's deadline passed, and the camera delivered lately: it is
                 # not known to be at fault. (Silent for frame_timeout_s, it is.)
-                why = (
-                    f"no verdict for part {part_id or '(none)'}: no frame came within "
-                    "trigger.max_delay_ms of the trigger"
-                )
-                self._refuse("trigger", why, part_id)
+                why = "no frame came within trigger.max_delay_ms of the trigger"
+                self._no_verdict(part_id, why)
                 return
             # After a failed reopen, "not open" would hide why: report the reason it failed.
             fault = SourceError(self._open_error) if self._open_error else exc
             if after is not None:  # the controller waits for this part's verdict: say why not
-                why = f"no verdict for part {part_id or '(none)'}: {fault}"
-                self._refuse("trigger", why, part_id)
+                self._no_verdict(part_id, str(fault))
             self._source_failed(fault)
             return
         if self._source_failures:
@@ -650,11 +645,8 @@ class Station:
         if after is not None and (late := frame.captured - after) > self.max_delay_s:
             # The trigger waited behind others, or the camera was slow: this picture may show
             # the next part, so no verdict is better than one for the wrong part.
-            why = (
-                f"no verdict for part {part_id or '(none)'}: the first frame after the trigger "
-                f"came {1000 * late:.0f} ms after it, over trigger.max_delay_ms"
-            )
-            self._refuse("trigger", why, part_id)
+            why = f"the first frame after the trigger came {1000 * late:.0f} ms after it"
+            self._no_verdict(part_id, f"{why}, over trigger.max_delay_ms")
             return
         self.stats.frames += 1
         t0 = time.monotonic()
