@@ -253,7 +253,7 @@ def _check_files(cfg: Config) -> None:
         if cfg.mqtt.password_file:
             cfg.mqtt.password()
         if cfg.mqtt.tls.enabled:
-            cfg.mqtt.tls.check_files()
+            cfg.mqtt.tls.ssl_context()
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -174,8 +174,10 @@ class TLSConfig(_Section):
             raise ValueError("cert_file and key_file go together")
         return self
 
-    def check_files(self) -> None:
-        """Raise ConfigError naming a certificate or key file that cannot be read or used."""
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context the link connects with; ConfigError naming a certificate or key
+        file that cannot be read or used. Only the configured CA is trusted when one is given
+        (the system's CAs otherwise)."""
         for key in ("ca_file", "cert_file", "key_file"):
             path = getattr(self, key)
             if path is None:
@@ -184,10 +186,8 @@ class TLSConfig(_Section):
                 path.read_bytes()
             except OSError as exc:
                 raise ConfigError([f"mqtt.tls.{key} {path}: {exc.strerror or exc}"]) from None
-        context = ssl.create_default_context()
         try:
-            if self.ca_file:
-                context.load_verify_locations(cafile=self.ca_file)
+            context = ssl.create_default_context(cafile=self.ca_file)
         except (ssl.SSLError, ValueError) as exc:
             raise ConfigError(
                 [f"mqtt.tls.ca_file {self.ca_file}: not a CA certificate ({exc})"]
@@ -199,6 +199,10 @@ class TLSConfig(_Section):
             raise ConfigError(
                 [f"mqtt.tls.cert_file {self.cert_file}: no certificate and key pair ({exc})"]
             ) from None
+        if self.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
 
 
 class MqttConfig(_Section):

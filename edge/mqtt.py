@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge.config import ConfigError, MqttConfig
+from edge.config import MqttConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +44,8 @@ def secure(client: mqtt.Client, cfg: MqttConfig) -> None:
     """Give a paho client the configured login and TLS settings (the station's and watch's)."""
     if cfg.username:
         client.username_pw_set(cfg.username, cfg.password())
-    if cfg.tls.enabled:
-        cfg.tls.check_files()
-        try:
-            client.tls_set(
-                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
-                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
-                cert_reqs=ssl.CERT_NONE if cfg.tls.insecure else ssl.CERT_REQUIRED,
-            )
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise ConfigError([f"mqtt.tls: the certificate files cannot be used: {exc}"]) from None
-        client.tls_insecure_set(cfg.tls.insecure)
+    if cfg.tls.enabled:  # the files are read once, into the context (ConfigError if unusable)
+        client.tls_set_context(cfg.tls.ssl_context())
 
 
 def part_id_of(payload: bytes) -> str | None:

@@ -132,16 +132,16 @@ def test_tls_files_are_checked_as_the_station_would_use_them(
         cert_file=certificates.server_cert,
         key_file=certificates.server_key,
     )
-    good.check_files()
+    good.ssl_context()
     garbage = tmp_path / "ca.crt"
     garbage.write_text("not a certificate\n")
     with pytest.raises(ConfigError, match=rf"ca_file {garbage}: not a CA certificate"):
-        TLSConfig(enabled=True, ca_file=garbage).check_files()
+        TLSConfig(enabled=True, ca_file=garbage).ssl_context()
     mismatched = TLSConfig(
         enabled=True, cert_file=certificates.server_cert, key_file=certificates.misnamed_key
     )
     with pytest.raises(ConfigError, match="no certificate and key pair"):
-        mismatched.check_files()
+        mismatched.ssl_context()
     # An encrypted key would make OpenSSL ask for a passphrase on a terminal a service lacks.
     locked = tmp_path / "locked.key"
     subprocess.run(
@@ -161,7 +161,7 @@ def test_tls_files_are_checked_as_the_station_would_use_them(
     )
     encrypted = TLSConfig(enabled=True, cert_file=certificates.server_cert, key_file=locked)
     with pytest.raises(ConfigError, match="the key is encrypted"):
-        encrypted.check_files()
+        encrypted.ssl_context()
 
 
 def test_run_itself_refuses_an_unusable_tls_file_with_78(tmp_path: Path) -> None:
