@@ -357,22 +357,25 @@ class Journal:
 
     def prune(
         self, before_wall: float, keep_last: int, keep_unpublished: bool = True, batch: int = 2000
-    ) -> int:
-        """Delete the oldest records captured before `before_wall` or beyond the newest
-        `keep_last`, at most `batch` of them (short lock, called often); return how many.
+    ) -> tuple[int, int]:
+        """Delete the oldest records captured before `before_wall`, and any beyond the newest
+        `keep_last`, at most `batch` of them (short lock, called often). Return how many went
+        and how many of those had not been published.
 
-        Records not yet published stay while `keep_unpublished`: they are the backlog.
+        While `keep_unpublished`, age alone never takes a record not yet published (the
+        backlog); the count limit does, so that a broker gone for weeks cannot fill the disk.
         Example, once a minute: `journal.prune(time.time() - 30 * 86400, keep_last=2_000_000)`.
         """
-        published = " AND published = 1" if keep_unpublished else ""
+        old = "wall < ? AND published = 1" if keep_unpublished else "wall < ?"
+        chosen = f"SELECT seq FROM records WHERE ({old}) OR seq <= ? ORDER BY seq LIMIT ?"
         with self._guard("delete old records") as conn:
             newest = conn.execute("SELECT max(seq) FROM records").fetchone()[0] or 0
-            cur = conn.execute(
-                "DELETE FROM records WHERE seq IN (SELECT seq FROM records "
-                f"WHERE (wall < ? OR seq <= ?){published} ORDER BY seq LIMIT ?)",
-                (before_wall, newest - keep_last, batch),
-            )
-        return int(cur.rowcount)
+            args = (before_wall, newest - keep_last, batch)
+            unpublished = conn.execute(
+                f"SELECT count(*) FROM records WHERE published = 0 AND seq IN ({chosen})", args
+            ).fetchone()[0]
+            cur = conn.execute(f"DELETE FROM records WHERE seq IN ({chosen})", args)
+        return int(cur.rowcount), int(unpublished)
 
     def export_csv(self, out: IO[str], since: float | None = None, ng_only: bool = False) -> int:
         """Write a header and one row per record, oldest first, and return the number of rows.

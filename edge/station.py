@@ -49,6 +49,7 @@ FPS_WINDOW_S = 5.0  # the inspection rate is counted over this many seconds
 MODEL_POLL_S = 1.0  # how often the model file is looked at for a new version
 PRUNE_EVERY_S = 10.0  # old journal records are deleted a batch at a time, this often
 OVER_LOG_EVERY_S = 60.0  # at most one "over the budget" log line this often
+LOSS_LOG_EVERY_S = 600.0  # at most one "deleted undelivered verdicts" log line this often
 
 
 class _Command(BaseModel):
@@ -109,6 +110,7 @@ class Stats:
     ng: int = 0
     overruns: int = 0
     source_errors: int = 0
+    backlog_deleted: int = 0  # undelivered records the journal's count limit took
     latencies_ms: list[float] = field(default_factory=list)
     decided: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
 
@@ -137,6 +139,7 @@ class Stats:
             "ng": self.ng,
             "overruns": self.overruns,
             "source_errors": self.source_errors,
+            "backlog_deleted": self.backlog_deleted,
             "latency_ms_p50": round(float(np.percentile(lat, 50)), 2),
             "latency_ms_p95": round(float(np.percentile(lat, 95)), 2),
             "latency_ms_max": round(float(lat.max()), 2),
@@ -195,6 +198,7 @@ class Station:
         self.max_delay_s = cfg.trigger.max_delay_ms / 1000
         self._over_quiet_until = 0.0  # over-budget verdicts are logged once a minute at most
         self._over_unlogged = 0
+        self._loss_quiet_until = 0.0
         self._journal_failed = False
         self._paths_failing = False
         self._told: tuple[str, str, str] | None = None  # status, reason, model last published
@@ -526,10 +530,11 @@ class Station:
 
     def _prune_journal(self) -> None:
         """Keep the journal within storage.journal_days and journal_max_records. Without a
-        broker nothing is ever delivered, so then age and count alone decide."""
+        broker nothing is ever delivered, so then age and count alone decide; with one, the
+        count limit still takes the oldest undelivered records, and says so."""
         storage = self.cfg.storage
         try:
-            gone = self.journal.prune(
+            gone, undelivered = self.journal.prune(
                 time.time() - storage.journal_days * 86400,
                 storage.journal_max_records,
                 keep_unpublished=self.link is not None,
@@ -539,6 +544,17 @@ class Station:
             return
         if gone:
             log.debug("deleted %d old journal records", gone)
+        if undelivered and self.link is not None:
+            self.stats.backlog_deleted += undelivered
+            if time.monotonic() >= self._loss_quiet_until:
+                self._loss_quiet_until = time.monotonic() + LOSS_LOG_EVERY_S
+                log.warning(
+                    "the broker has not taken verdicts for so long that the journal is at "
+                    "storage.journal_max_records (%d): the oldest undelivered ones are being "
+                    "deleted (%d since the station started)",
+                    storage.journal_max_records,
+                    self.stats.backlog_deleted,
+                )
 
     def _flush_backlog(self, batch: int = 50) -> None:
         link = self.link

@@ -305,20 +305,23 @@ def test_prune_deletes_old_delivered_records_oldest_first_in_batches(journal: Jo
         journal.mark_published(r.seq)
     # Records 0-49 are older than the cut-off; 0-59 are delivered.
     cutoff = T0 + 50 * 0.1 - 0.01
-    assert journal.prune(cutoff, keep_last=10**6, batch=20) == 20
-    assert journal.prune(cutoff, keep_last=10**6, batch=20) == 20
-    assert journal.prune(cutoff, keep_last=10**6, batch=20) == 10
-    assert journal.prune(cutoff, keep_last=10**6, batch=20) == 0
+    assert journal.prune(cutoff, keep_last=10**6, batch=20) == (20, 0)
+    assert journal.prune(cutoff, keep_last=10**6, batch=20) == (20, 0)
+    assert journal.prune(cutoff, keep_last=10**6, batch=20) == (10, 0)
+    assert journal.prune(cutoff, keep_last=10**6, batch=20) == (0, 0)
     left = [r.seq for r in journal.recent(limit=1000)]
     assert sorted(left) == [r.seq for r in records[50:]]
-    assert journal.backlog() == 40  # the undelivered ones are all still there
+    assert journal.backlog() == 40  # age never takes the undelivered ones
 
-    # The count limit: only delivered records go, so 50-59; then, without a broker, any.
-    assert journal.prune(0.0, keep_last=30) == 10
-    assert journal.backlog() == 40 and journal.counts()["total"] == 40
-    assert journal.prune(0.0, keep_last=30, keep_unpublished=False) == 10
+    # The count limit is a hard one: the delivered 50-59 go, then the oldest undelivered
+    # 60-69, counted as such; without a broker the same happens.
+    assert journal.prune(0.0, keep_last=30, batch=15) == (15, 5)
+    assert journal.prune(0.0, keep_last=30, batch=15) == (5, 5)
+    assert journal.prune(0.0, keep_last=30, batch=15) == (0, 0)
     assert [r.seq for r in journal.recent(limit=1000)][-1] == records[70].seq
-    assert journal.backlog() == 30
+    assert journal.backlog() == 30 and journal.counts()["total"] == 30
+    assert journal.prune(0.0, keep_last=20, keep_unpublished=False) == (10, 10)
+    assert journal.backlog() == 20
 
 
 def test_one_writer_at_a_time_and_readers_alongside(tmp_path: Path) -> None:

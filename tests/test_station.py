@@ -940,6 +940,50 @@ def test_journal_keeps_to_its_age_limit_while_inspecting(
     assert time.time() - records[-1].wall < 1.5
 
 
+def test_a_broker_gone_for_long_costs_the_oldest_verdicts_not_the_disk(
+    tmp_path: Path,
+    model_file: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Undelivered verdicts stayed for ever: a broker gone for weeks filled the device's disk.
+    The journal's count limit now takes the oldest of them too, and says so."""
+    from test_journal import verdict
+
+    import edge.station
+
+    monkeypatch.setattr(edge.station, "PRUNE_EVERY_S", 0.2)
+    broker.stop()
+    state = tmp_path / "state"
+    state.mkdir()
+    earlier = Journal(state / "journal.sqlite", writer=True)  # an outage's backlog so far
+    first = earlier.append(**verdict(0)).seq
+    for i in range(1, 1200):
+        earlier.append(**verdict(i))
+    earlier.close()
+    config = write_config(
+        tmp_path, model_file, replay, broker, "cap", storage={"journal_max_records": 1000}
+    )
+    station = run_station(config)
+    deadline = time.monotonic() + 10
+    while station.stats.backlog_deleted < 250 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert station.stats.backlog_deleted >= 250  # the 200 over the limit, then new ones' room
+    assert station.journal.backlog() <= 1000 + 20 * 0.5  # the limit, give or take one prune
+    oldest = station.journal.unpublished(limit=1)[0].seq
+    assert oldest >= first + station.stats.backlog_deleted  # the oldest went, in order
+    lines = [r for r in caplog.records if "journal_max_records (1000)" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING"
+
+    broker.start()  # the line controller sees the loss counted
+    sub = subscribe("cap/#")
+    sub.wait_for("stats", lambda m: m.json()["backlog_deleted"] >= 250)
+
+
 def test_verdicts_over_budget_are_counted_but_logged_once_a_minute(
     tmp_path: Path,
     model_file: Path,
