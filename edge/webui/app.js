@@ -194,7 +194,9 @@ function showStatus(s) {
   $("st-broker").textContent = broker;
   $("st-broker").className = `pill ${broker}`;
   $("st-broker").title = s.broker.address;
-  $("st-backlog").textContent = s.backlog === null ? "–" : s.backlog;
+  // Undelivered verdicts the journal's limit deleted during a long outage: lost to the line.
+  const lost = s.backlog_deleted ? ` (${s.backlog_deleted} deleted)` : "";
+  $("st-backlog").textContent = s.backlog === null ? "–" : `${s.backlog}${lost}`;
   $("rollback").hidden = !s.previous_model;
   // Named: after a roll-back the "previous" model is the one just left, so the button would
   // otherwise read the same and do the opposite.
