@@ -248,12 +248,14 @@ def _config(path: Path) -> Config:
 
 
 def _check_files(cfg: Config) -> None:
-    """A ConfigError naming a password or TLS file that the link could not use."""
+    """A ConfigError naming a password or TLS file that the link or the page could not use."""
     if cfg.mqtt.enabled:
         if cfg.mqtt.password_file:
             cfg.mqtt.password()
         if cfg.mqtt.tls.enabled:
             cfg.mqtt.tls.ssl_context()
+    if cfg.web.enabled:
+        cfg.web.ssl_context()
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

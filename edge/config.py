@@ -328,6 +328,40 @@ class WebConfig(_Section):
         description="Most disk space the page's dataset may take; adding beyond it is refused",
     )
 
+    tls_cert: Path | None = Field(
+        None,
+        description="Certificate (PEM, chain after it) to serve the page over HTTPS; with tls_key",
+    )
+    tls_key: Path | None = Field(
+        None, description="Private key of tls_cert (PEM, no passphrase, readable by the service)"
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> WebConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server TLS context for the page (None: plain HTTP); ConfigError naming a
+        certificate or key file that cannot be read or used."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        for key, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
+            try:
+                path.read_bytes()
+            except OSError as exc:
+                raise ConfigError([f"web.{key} {path}: {exc.strerror or exc}"]) from None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key, password=_no_passphrase)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                [f"web.tls_cert {self.tls_cert}: no certificate and key pair ({exc})"]
+            ) from None
+        return context
+
     @model_validator(mode="after")
     def _access(self) -> WebConfig:
         from edge.access import check_hash

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -31,6 +32,12 @@ MAX_CLIENT_CONNECTIONS = 16  # ... and from one address (a browser opens about 6
 # otherwise hold its connection, and its slot, for ever.
 REQUEST_DEADLINE_S = 60.0
 MIN_BODY_RATE = 10_000  # bytes a second
+HANDSHAKE_TIMEOUT_S = 10.0  # for the first byte, and for each read of a TLS handshake
+_PLAIN_TO_TLS = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n\r\nThis page is served over HTTPS: put https:// before the "
+    b"address.\n"
+)
 DEFAULT_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
@@ -91,9 +98,12 @@ class Request:
         return "".join(c for c in name if c.isprintable())[:100] or "upload"
 
 
-def serve(host: str, port: int, handle: Callable[[Request], Reply]) -> Server:
+def serve(
+    host: str, port: int, handle: Callable[[Request], Reply], tls: ssl.SSLContext | None = None
+) -> Server:
     """Listen on host:port (IPv4 or IPv6) and answer every request with `handle` in a
-    thread of its own; raises OSError if the address cannot be taken.
+    thread of its own, over HTTPS when given a server TLS context; raises OSError if the
+    address cannot be taken.
 
     >>> echo = lambda req: json_reply({"path": req.path})      # doctest: +SKIP
     >>> server = serve("127.0.0.1", 8080, echo)               # doctest: +SKIP
@@ -101,6 +111,7 @@ def serve(host: str, port: int, handle: Callable[[Request], Reply]) -> Server:
     """
     server = (_Server6 if ":" in host else Server)((host, port), _Handler)
     server.answer = handle
+    server.tls = tls
     threading.Thread(target=server.serve_forever, args=(0.25,), name="http", daemon=True).start()
     return server
 
@@ -112,6 +123,7 @@ class Server(ThreadingHTTPServer):
 
     daemon_threads = True  # a slow client does not hold up the station's exit
     answer: Callable[[Request], Reply]  # the application
+    tls: ssl.SSLContext | None = None
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         super().__init__(address, handler)
@@ -144,6 +156,27 @@ class Server(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._closed(client_address[0])
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Answer one connection, in its own thread: the TLS handshake happens here, so a
+        client that never completes one holds up only itself, not the accept loop."""
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            first = request.recv(1, socket.MSG_PEEK)
+            if first and first != b"\x16":  # not a TLS handshake: plain HTTP, most likely
+                request.sendall(_PLAIN_TO_TLS)
+                return
+            secure = self.tls.wrap_socket(request, server_side=True)
+        except OSError as exc:  # ssl.SSLError is one: a scanner, a client that gave up
+            log.debug("page %s: no TLS connection: %s", client_address[0], exc)
+            return
+        try:
+            super().finish_request(secure, client_address)
+        finally:
+            secure.close()
 
     def _closed(self, who: str) -> None:
         with self._lock:

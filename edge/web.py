@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import cv2
 
 from edge.access import Sessions
-from edge.config import is_loopback
+from edge.config import ConfigError, is_loopback
 from edge.dataset import Dataset, DatasetError, check_label
 from edge.httpd import HttpError, Reply, Request, Server, cookie, json_reply, serve
 from edge.images import ImageError, decode_image
@@ -124,7 +124,12 @@ class Web:
     def start(self) -> bool:
         """Listen and serve in a thread; False (and an error in the log) if the port is taken."""
         try:
-            server = serve(self.cfg.host, self.cfg.port, self.handle)
+            tls = self.cfg.ssl_context()  # `run` checked it; a file changed since is said here
+        except ConfigError as exc:
+            log.error("the page cannot start: %s; inspecting without it", exc)
+            return False
+        try:
+            server = serve(self.cfg.host, self.cfg.port, self.handle, tls)
         except OSError as exc:
             log.error(
                 "the page cannot listen on %s:%d (%s); inspecting without it",
@@ -151,7 +156,8 @@ class Web:
     @property
     def url(self) -> str:
         host = self.cfg.host if ":" not in self.cfg.host else f"[{self.cfg.host}]"
-        return f"http://{host}:{self.port}/"
+        scheme = "https" if self.cfg.tls_cert else "http"
+        return f"{scheme}://{host}:{self.port}/"
 
     # --- one request ---
 
@@ -236,6 +242,8 @@ class Web:
             f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict; "
             f"Max-Age={int(self.sessions.lifetime_s)}"
         )
+        if self.cfg.tls_cert:  # the browser never sends it over plain HTTP
+            set_cookie += "; Secure"
         return Reply(
             200,
             json.dumps({"csrf": self.sessions.csrf_for(sid)}).encode(),

@@ -178,3 +178,30 @@ def test_run_itself_refuses_an_unusable_tls_file_with_78(tmp_path: Path) -> None
         timeout=60,
     )
     assert r.returncode == 78 and f"ca_file {garbage}: not a CA certificate" in r.stderr
+
+
+def test_the_page_certificate_is_checked_before_the_station_runs(
+    tmp_path: Path, certificates: Certificates
+) -> None:
+    assert problems(GOOD + f"[web]\ntls_cert = '{certificates.server_cert}'\n") == [
+        "station.toml: web: tls_cert and tls_key go together"
+    ]
+    missing = tmp_path / "page.key"
+    config = tmp_path / "station.toml"
+    config.write_text(
+        GOOD + "[mqtt]\nenabled = false\n"
+        f"[web]\nenabled = true\ntls_cert = '{certificates.server_cert}'\ntls_key = '{missing}'\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 78 and f"web.tls_key {missing}: No such file or directory" in r.stderr
+    mismatched = parse_config(
+        GOOD + f"[web]\ntls_cert = '{certificates.server_cert}'\n"
+        f"tls_key = '{certificates.misnamed_key}'\n"
+    )
+    with pytest.raises(ConfigError, match=r"web\.tls_cert .*: no certificate and key pair"):
+        mismatched.web.ssl_context()

@@ -7,6 +7,7 @@ import http.client
 import json
 import shutil
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from conftest import Broker, write_config
+from conftest import Broker, Certificates, write_config
 
 from edge import httpd
 from edge.access import Sessions, hash_password
@@ -32,8 +33,9 @@ PASSWORD = "line-3 station password"
 class Page:
     """A browser's view of the page API: one cookie, the CSRF token, JSON in and out."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
         self.port = port
+        self.tls = tls  # HTTPS, trusting this context's CAs
         self.cookie = ""
         self.csrf = ""
 
@@ -44,7 +46,11 @@ class Page:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn = (
+            http.client.HTTPSConnection("127.0.0.1", self.port, timeout=30, context=self.tls)
+            if self.tls
+            else http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        )
         sent = {"Host": f"127.0.0.1:{self.port}", **(headers or {})}
         if self.cookie:
             sent["Cookie"] = self.cookie
@@ -540,6 +546,36 @@ def test_password_login_sessions_and_lockout(start_page: StartPage) -> None:
     assert page.post("/api/logout")[0] == 200
     page.cookie = cookie  # an old cookie is no good after logging out
     assert page.get("/api/status")[0] == 401
+
+
+def test_the_page_over_https(start_page: StartPage, certificates: Certificates) -> None:
+    """A page opened to the plant network sends its password and session cookie over TLS
+    when given a certificate; a client that never finishes a handshake holds up no one."""
+    station, plain = start_page(
+        password_hash=hash_password(PASSWORD),
+        tls_cert=str(certificates.server_cert),
+        tls_key=str(certificates.server_key),
+    )
+    assert station.web is not None and station.web.url.startswith("https://127.0.0.1:")
+    silent = socket.create_connection(("127.0.0.1", plain.port))  # connects, sends nothing
+    page = Page(plain.port, ssl.create_default_context(cafile=certificates.ca))
+    start = time.monotonic()
+    status, headers, _ = page.request(
+        "POST", "/api/login", json.dumps({"password": PASSWORD}).encode()
+    )
+    assert time.monotonic() - start < httpd.HANDSHAKE_TIMEOUT_S / 2  # not behind the silent one
+    assert status == 200 and "; Secure" in headers["set-cookie"]
+    assert page.get("/api/status")[0] == 200
+    silent.close()
+
+    # Plain HTTP to the HTTPS port is told what to do, not left with a reset connection.
+    with socket.create_connection(("127.0.0.1", plain.port), timeout=10) as raw:
+        raw.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{plain.port}\r\n\r\n".encode())
+        answer = raw.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.1 400") and b"put https:// before the address" in answer
+    # A client that does not trust the station's certificate gets nothing from it.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        Page(plain.port, ssl.create_default_context()).request("GET", "/api/session")
 
 
 def test_a_burst_of_wrong_passwords_gets_one_check() -> None:
