@@ -140,6 +140,11 @@ class Web:
             return False
         self._server = server
         log.info("station page at %s", self.url)
+        if tls is None and not is_loopback(self.cfg.host):
+            log.warning(
+                "the page is open to the network over plain HTTP: its password crosses the "
+                "network in clear; give it a certificate ([web] tls_cert and tls_key)"
+            )
         return True
 
     def stop(self) -> None:

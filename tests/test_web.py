@@ -548,6 +548,14 @@ def test_password_login_sessions_and_lockout(start_page: StartPage) -> None:
     assert page.get("/api/status")[0] == 401
 
 
+def test_a_page_open_to_the_network_without_tls_is_warned_of(
+    start_page: StartPage, caplog: pytest.LogCaptureFixture
+) -> None:
+    start_page(host="0.0.0.0", password_hash=hash_password(PASSWORD))
+    warned = [r for r in caplog.records if "over plain HTTP" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"
+
+
 def test_the_page_over_https(start_page: StartPage, certificates: Certificates) -> None:
     """A page opened to the plant network sends its password and session cookie over TLS
     when given a certificate; a client that never finishes a handshake holds up no one."""
