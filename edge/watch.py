@@ -98,7 +98,10 @@ def watch(
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
     secure(client, cfg)
 
+    answered = threading.Event()
+
     def connected(c: mqtt.Client, _u: object, _f: object, rc: Any, _p: object) -> None:
+        answered.set()
         if rc.is_failure:
             refused.append(f"the MQTT broker at {cfg.host}:{cfg.port} refused us: {rc}")
             done.set()
@@ -106,7 +109,14 @@ def watch(
             c.subscribe(f"{prefix}/#", qos=1)
 
     def disconnected(_c: mqtt.Client, _u: object, _f: object, rc: Any, _p: object) -> None:
-        if not done.is_set():
+        if not answered.is_set():  # it would be tried again and again, to the same end
+            refused.append(
+                f"{cfg.host}:{cfg.port} closed the connection without answering as an MQTT "
+                f"broker ({rc}): check the port, whether it takes TLS ([mqtt.tls] enabled "
+                "here is " + ("on" if cfg.tls.enabled else "off") + ") and mqtt.protocol"
+            )
+            done.set()
+        elif not done.is_set():
             line = f"{_clock(time.time())}  broker   connection lost ({rc}); reconnecting"
             print(line, file=out, flush=True)
 

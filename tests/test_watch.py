@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import Broker, Subscriber
+from conftest import Broker, Subscriber, TLSBroker
 
 from edge.journal import Record
 from edge.watch import describe
@@ -114,3 +114,19 @@ def test_watch_without_a_broker_says_so_and_exits_69(broker: Broker) -> None:
         f"edge-inspect: cannot reach the MQTT broker at {broker.host}:{broker.port} "
         "(Connection refused)"
     ]
+
+
+def test_watch_on_a_tls_port_without_tls_says_so_instead_of_retrying(
+    tls_broker: TLSBroker,
+) -> None:
+    # The broker drops a plain MQTT connection on its TLS port before any answer; watch used
+    # to print "connection lost; reconnecting" every second until --seconds ran out.
+    proc = _watch("--host", tls_broker.host, "--port", str(tls_broker.port))
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 69 and out == ""
+    [line] = err.strip().splitlines()
+    assert line.startswith(
+        f"edge-inspect: {tls_broker.host}:{tls_broker.port} closed the connection without "
+        "answering as an MQTT broker"
+    )
+    assert "[mqtt.tls] enabled here is off" in line
