@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Broker, write_config
+from conftest import Broker, Certificates, write_config
 
+from edge.access import hash_password
 from edge.station import Station
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +59,14 @@ def artifacts() -> Path:
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Iterator[WebDriver]:
+def browser(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[WebDriver]:
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in [*FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1280,900"]:
+    flags = [*FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1280,900"]
+    # A station's own certificate, as a user would accept it once; the test's CA is not the
+    # system's, and Chromium's trust store is not ours to change.
+    flags += getattr(request, "param", [])
+    for flag in flags:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
@@ -224,3 +230,59 @@ def test_watch_label_train_swap_and_try_in_a_browser(
     assert "CSRF" not in text("message")
     errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert all("403" in e for e in errors), errors  # the one refused before the new token
+
+
+@pytest.mark.parametrize("browser", [["--ignore-certificate-errors"]], indirect=True)
+def test_log_in_and_out_over_https_in_a_browser(
+    tmp_path: Path,
+    parts_model: Path,
+    replay: Path,
+    certificates: Certificates,
+    run_station: Callable[[Path], Station],
+    browser: WebDriver,
+    artifacts: Path,
+) -> None:
+    """A page opened to the network, with a password and a certificate, as a browser sees it."""
+    config = write_config(
+        tmp_path,
+        parts_model,
+        replay,
+        None,
+        "page/tls",
+        station={"name": "line3-st2"},
+        web={
+            "enabled": True,
+            "port": 0,
+            "password_hash": hash_password("press 4 seal"),
+            "tls_cert": str(certificates.server_cert),
+            "tls_key": str(certificates.server_key),
+        },
+    )
+    station = run_station(config)
+    wait = WebDriverWait(browser, 30, poll_frequency=0.1)
+    wait.until(lambda _: station.web is not None and station.web.port)
+    assert station.web is not None
+    find = browser.find_element
+
+    browser.get(f"https://127.0.0.1:{station.web.port}/")
+    wait.until(lambda _: find(By.ID, "login").is_displayed())
+    assert not find(By.ID, "app").is_displayed() and not find(By.ID, "logout").is_displayed()
+    # The hidden user name tells a password manager which station the password is for.
+    assert find(By.ID, "username").get_attribute("value") == "line3-st2"
+    find(By.ID, "password").send_keys("not it")
+    find(By.CSS_SELECTOR, "#login-form button").click()
+    wait.until(lambda _: "wrong password" in find(By.ID, "message").text)
+    browser.save_screenshot(str(artifacts / "tls-1-wrong-password.png"))
+    time.sleep(2.1)  # a wrong password locks the address out for 2 s
+    find(By.ID, "password").clear()
+    find(By.ID, "password").send_keys("press 4 seal")
+    find(By.CSS_SELECTOR, "#login-form button").click()
+    live = find(By.ID, "live-img")
+    wait.until(lambda _: live.get_attribute("data-frame"))
+    cookie = browser.get_cookie("edge_inspect_session")
+    assert cookie is not None and cookie["secure"] and cookie["httpOnly"]
+    browser.save_screenshot(str(artifacts / "tls-2-live.png"))
+
+    find(By.ID, "logout").click()
+    wait.until(lambda _: find(By.ID, "login").is_displayed())
+    assert browser.get_cookie("edge_inspect_session") is None

@@ -105,6 +105,7 @@ async function startSession() {
   const session = await api("/api/session");
   $("station").textContent = `edge-inspect · ${session.station}`;
   document.title = `edge-inspect · ${session.station}`;
+  $("username").value = session.station;
   $("logout").hidden = !session.login_required || !session.logged_in;
   if (!session.logged_in) return showLogin();
   csrf = session.csrf;
