@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -71,7 +72,7 @@ class _Progress:
         elapsed = time.monotonic() - self.start
         left = elapsed / done * (total - done) if done else 0.0
         # features: each image and its shifted copies
-        unit = "scoring passes" if stage == "calibration" else "views"
+        unit = {"calibration": "scoring passes", "scoring": "images"}.get(stage, "views")
         line = (
             f"{stage}: {done}/{total} {unit}, {left:.1f} s left"
             if stage != "memory bank"
@@ -127,13 +128,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from edge.evaluate import metrics_of, score_folder, write_outputs
+    from edge.images import ImageError
     from edge.model import Model
 
     model = Model(args.model, threads=1)
     progress = _Progress()
-    results = score_folder(model, args.data, lambda d, t: progress("scoring", d, t))
+    failed: list[tuple[Path, str]] = []  # one bad file does not lose a long run
+    results = score_folder(model, args.data, lambda d, t: progress("scoring", d, t), failed)
+    for _path, why in failed:
+        _fail(why)
+    if not results:
+        raise ImageError(f"no image in {args.data} could be judged")
     metrics = metrics_of(model, results)
-    report = write_outputs(model, results, metrics, args.report, args.json)
+    report = write_outputs(
+        model, results, metrics, args.report, args.json, data=args.data, failed=failed
+    )
     rows = [
         ("AUROC", "auroc"),
         ("average precision", "average_precision"),
@@ -149,9 +158,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     for label, key in rows:
         v = metrics[key]
-        print(f"  {label:18s} {v:.4f}" if isinstance(v, float) else f"  {label:18s} {v}")
+        shown = ("n/a" if math.isnan(v) else f"{v:.4f}") if isinstance(v, float) else v
+        print(f"  {label:18s} {shown}")
     if not metrics["anomaly_images"]:
-        print("  (no defective images: AUROC, precision and recall need some in anomaly/)")
+        print("  (no defective images: AUROC, recall and F1 need some in anomaly/)")
+    if not metrics["normal_images"]:
+        print("  (no good images: AUROC and false rejects need some in normal/)")
     print("  confusion          predicted OK   predicted NG")
     print(f"    actually good    {metrics['tn']:12d}   {metrics['fp']:12d}")
     print(f"    actually bad     {metrics['fn']:12d}   {metrics['tp']:12d}")
@@ -160,6 +172,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"p95 {metrics['ms_p95']:.1f} (one thread)"
     )
     print(f"report: {report}")
+    if failed:
+        print(f"{len(failed)} image(s) could not be judged (listed above and in the report)")
+        return EX_DATAERR
     return 0
 
 
@@ -204,9 +219,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
         out.append({"file": str(path), **detection.as_dict(), "overlay": str(overlay)})
         if not args.json:
             boxes = " ".join(f"[{b.x},{b.y} {b.w}x{b.h}]" for b in detection.boxes[:5])
+            if len(detection.boxes) > 5:
+                boxes += f" (+{len(detection.boxes) - 5} more)"
+            # four decimals: at two, a part just over the threshold read "3.89 / 3.89"
             print(
-                f"{detection.verdict.upper():2s}  score {detection.score:8.2f} / "
-                f"{detection.threshold:.2f}  "
+                f"{detection.verdict.upper():2s}  score {detection.score:9.4f} / "
+                f"{detection.threshold:.4f}  "
                 f"area {100 * detection.area:5.1f} %  {path}  {boxes}"
             )
     if args.json:

@@ -9,11 +9,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from edge import __version__
 from edge.detection import Detection
 from edge.files import staged_folder, write_atomically
 from edge.images import ImageError, has_entries, list_images, read_image
@@ -53,9 +55,16 @@ def json_metrics(metrics: dict[str, object]) -> dict[str, object]:
 
 
 def score_folder(
-    model: Model, data: Path, progress: Callable[[int, int], None] | None = None
+    model: Model,
+    data: Path,
+    progress: Callable[[int, int], None] | None = None,
+    failed: list[tuple[Path, str]] | None = None,
 ) -> list[ImageResult]:
-    """Run the model on data/normal and data/anomaly (at least one must hold images)."""
+    """Run the model on data/normal and data/anomaly (at least one must hold images).
+
+    An image that cannot be judged (unreadable, another size) raises ImageError, or, given
+    a `failed` list, is added to it as (path, reason) and the others are judged.
+    """
     groups = [(data / "normal", "ok"), (data / "anomaly", "ng")]
     # A missing or empty normal/ or anomaly/ is allowed: a station's test split may have no
     # defects yet. One holding files but no images (defects sorted into subfolders, say) is
@@ -69,13 +78,20 @@ def score_folder(
         raise ImageError(f"folder {data} has neither normal/ nor anomaly/ images to evaluate")
     results = []
     for i, (path, label) in enumerate(todo):
-        image = read_image(path)
-        t0 = time.perf_counter()
         try:
-            detection = model.detect(image)  # checks the frame against the model first
-        except ValueError as exc:
-            raise ImageError(f"image {path}: {exc}") from None
-        results.append(ImageResult(path, label, detection, (time.perf_counter() - t0) * 1000))
+            image = read_image(path)
+            t0 = time.perf_counter()
+            try:
+                detection = model.detect(image)  # checks the frame against the model first
+            except ValueError as exc:
+                raise ImageError(f"image {path}: {exc}") from None
+        except ImageError as exc:
+            if failed is None:
+                raise
+            failed.append((path, str(exc)))
+        else:
+            ms = (time.perf_counter() - t0) * 1000
+            results.append(ImageResult(path, label, detection, ms))
         if progress:
             progress(i + 1, len(todo))
     return results
@@ -97,29 +113,64 @@ def metrics_of(model: Model, results: list[ImageResult]) -> dict[str, object]:
     }
 
 
+def about(model: Model, data: Path) -> dict[str, str]:
+    """What an evaluation was of, for the report and the JSON: enough to trace it later."""
+    meta = model.meta
+    rate = meta.expected_false_reject_rate
+    return {
+        "model": f"{model.path} ({model.id}), trained {meta.created}",
+        "test_data": str(data.resolve()),
+        "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tool_version": __version__,
+        "threshold_rule": meta.calibration,
+        "expected_false_reject_rate": f"{100 * rate:.2f} %" if rate >= 1e-4 else "under 0.01 %",
+    }
+
+
 def write_outputs(
     model: Model,
     results: list[ImageResult],
     metrics: dict[str, object],
     out: Path,
     json_file: Path | None = None,
+    *,
+    data: Path | None = None,
+    failed: list[tuple[Path, str]] | None = None,
 ) -> Path:
     """Write overlays/*.jpg, scores.csv, results.json and report.html under out (and the
-    metrics and results to json_file); return the report's path.
+    metrics and results to json_file); return the report's path. `data` is the test folder
+    the results are of, `failed` the images that could not be judged.
 
     All or nothing: they replace the previous ones only once everything is written, so a
     failed or interrupted run leaves the previous report as it was.
     """
-    doc = to_json(metrics, results)
+    info = about(model, data) if data is not None else {}
+    doc = to_json(metrics, results, info, failed or [])
     with staged_folder(out) as stage:
-        _write_report_files(model, results, metrics, doc, stage)
+        _write_report_files(model, results, metrics, doc, stage, info, failed or [])
         if json_file is not None:
             write_atomically(json_file, doc)
     return out / "report.html"
 
 
+_ABOUT_NAMES = {
+    "model": "Model",
+    "test_data": "Test data",
+    "evaluated": "Evaluated",
+    "tool_version": "edge-inspect",
+    "threshold_rule": "Threshold rule",
+    "expected_false_reject_rate": "Expected false rejects (from training)",
+}
+
+
 def _write_report_files(
-    model: Model, results: list[ImageResult], metrics: dict[str, object], doc: str, out: Path
+    model: Model,
+    results: list[ImageResult],
+    metrics: dict[str, object],
+    doc: str,
+    out: Path,
+    info: dict[str, str],
+    failed: list[tuple[Path, str]],
 ) -> None:
     """The report folder's files; `doc` is to_json() of the metrics and results."""
     overlays = out / "overlays"
@@ -133,7 +184,7 @@ def _write_report_files(
         (overlays / r.overlay_name).write_bytes(jpg.tobytes())
         rows.append(
             {
-                "name": r.path.name,
+                "name": f"{r.path.parent.name}/{r.path.name}",  # normal/27.png, anomaly/27.png
                 "label": r.label,
                 "verdict": r.detection.verdict,
                 "score": r.detection.score,
@@ -160,11 +211,21 @@ def _write_report_files(
     write_atomically(out / "scores.csv", buf.getvalue())
     write_atomically(out / "results.json", doc)
     title = f"Evaluation of {model.path.name} ({model.id})"
-    write_report(out / "report.html", title, metrics, rows)
+    named = {_ABOUT_NAMES[k]: v for k, v in info.items()}
+    lost = [(f"{p.parent.name}/{p.name}", why) for p, why in failed]
+    write_report(out / "report.html", title, metrics, rows, named, lost)
 
 
-def to_json(metrics: dict[str, object], results: list[ImageResult]) -> str:
-    """Metrics and per-image results as one JSON document (NaN becomes null)."""
+def to_json(
+    metrics: dict[str, object],
+    results: list[ImageResult],
+    info: dict[str, str] | None = None,
+    failed: list[tuple[Path, str]] | None = None,
+) -> str:
+    """Metrics, what was evaluated, per-image results and the images that could not be
+    judged, as one JSON document (NaN becomes null)."""
     doc = json_metrics(metrics)
+    doc.update(info or {})
     doc["images"] = [r.as_dict() for r in results]
+    doc["failed"] = [{"file": str(p), "error": why} for p, why in failed or []]
     return json.dumps(doc, indent=2) + "\n"

@@ -53,6 +53,17 @@ def list_images(folder: Path) -> list[Path]:
         nested = any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
         hint = "; images in its subfolders are not read: put them in it directly" if nested else ""
         raise ImageError(f"folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}){hint}")
+    # Some defects sorted into a subfolder, others not: the figures would silently leave out
+    # the sorted ones.
+    holding = sorted(
+        p.name for p in folder.iterdir() if not p.name.startswith(".") and has_images(p)
+    )
+    if holding:
+        raise ImageError(
+            f"folder {folder} holds images and subfolders of images ({', '.join(holding[:3])}"
+            f"{', ...' if len(holding) > 3 else ''}), which are not read: put their images in "
+            "it directly, or move the subfolders out"
+        )
     return images
 
 

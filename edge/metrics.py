@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,23 +18,31 @@ class Confusion:
     tn: int
     fn: int
 
+    # A ratio with nothing to count is NaN (n/a), never a number that looks measured: with
+    # no defective images there is no recall, and with no NG verdicts no precision.
+
     @property
     def accuracy(self) -> float:
         total = self.tp + self.fp + self.tn + self.fn
-        return (self.tp + self.tn) / total if total else 0.0
+        return (self.tp + self.tn) / total if total else math.nan
 
     @property
     def precision(self) -> float:
-        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else math.nan
 
     @property
     def recall(self) -> float:
-        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else math.nan
 
     @property
     def f1(self) -> float:
+        """0 when defects were all missed (precision is then n/a, but the F1 is plainly 0)."""
+        if self.tp + self.fn == 0:
+            return math.nan
+        if self.tp == 0:
+            return 0.0
         p, r = self.precision, self.recall
-        return 2 * p * r / (p + r) if p + r else 0.0
+        return 2 * p * r / (p + r)
 
 
 def auroc(normal_scores: npt.ArrayLike, anomaly_scores: npt.ArrayLike) -> float:

@@ -236,9 +236,13 @@ def describe(
 ) -> Detection:
     """Turn a score and an anomaly map over roi into a Detection with area and boxes."""
     rx, ry, rw, rh = roi
-    # Upsample 4x so region outlines follow the map's interpolation, not its cell grid.
-    fine = cv2.resize(amap, (amap.shape[1] * 4, amap.shape[0] * 4), interpolation=cv2.INTER_LINEAR)
-    mask = (fine > threshold).astype(np.uint8)
+    # Upsample 4x so region outlines follow the map's interpolation, not its cell grid. The
+    # interpolation shaves peaks, so cells over the threshold count as they are: a part
+    # judged NG by a hair always has its region and box.
+    size = (amap.shape[1] * 4, amap.shape[0] * 4)
+    fine = cv2.resize(amap, size, interpolation=cv2.INTER_LINEAR)
+    cells = cv2.resize(amap, size, interpolation=cv2.INTER_NEAREST)
+    mask = ((fine > threshold) | (cells > threshold)).astype(np.uint8)
     area = float(mask.mean())
     boxes: list[Box] = []
     if area > 0:
@@ -246,7 +250,7 @@ def describe(
         sx, sy = rw / fine.shape[1], rh / fine.shape[0]
         for i in range(1, count):
             x, y, w, h, _ = stats[i]
-            peak = float(fine[labels == i].max())
+            peak = float(np.maximum(fine, cells)[labels == i].max())
             boxes.append(
                 Box(
                     x=rx + int(x * sx),

@@ -22,6 +22,14 @@ _METRICS = {
     "f1": "F1",
     "threshold": "Threshold",
 }
+# Other keys metrics_of adds, and how the table names them.
+_EXTRA = {
+    "normal_images": "Good images",
+    "anomaly_images": "Defective images",
+    "ms_p50": "Inference ms p50 (one thread)",
+    "ms_p95": "Inference ms p95",
+    "model_id": "Model id",
+}
 # Shares read best with fixed decimals; a threshold can be any size.
 _SIGNIFICANT = {"threshold"}
 _COUNTS = ("tp", "fp", "tn", "fn")
@@ -46,6 +54,8 @@ td.n { text-align: right; font-variant-numeric: tabular-nums; }
 .ok { color: #2e7d32; font-weight: 600; }
 .ng { color: #c62828; font-weight: 600; }
 .none { padding: 2rem 0.6rem; color: #777; text-align: center; }
+.about th { font-weight: normal; color: #555; }
+.failed { color: #c62828; }
 """
 
 
@@ -63,18 +73,32 @@ class _Card:
 
 
 def write_report(
-    path: Path, title: str, metrics: Mapping[str, object], rows: Sequence[Mapping[str, object]]
+    path: Path,
+    title: str,
+    metrics: Mapping[str, object],
+    rows: Sequence[Mapping[str, object]],
+    about: Mapping[str, str] | None = None,
+    failed: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Write the report to `path` in one step, replacing any old one only when complete.
 
     `metrics` holds the keys of `metrics.summarize` (others are listed after them); each row
     holds `name`, `label` ("ok", "ng" or None when unknown), `verdict` ("ok" or "ng"),
-    `score` and `overlay`, a path to the overlay PNG relative to the report's folder.
-    Misjudged images come first, then the highest scores. Example:
+    `score` and `overlay`, a path to the overlay image relative to the report's folder.
+    `about` says what was evaluated (test data, date, threshold rule), one line a key, and
+    `failed` lists (name, reason) of images that could not be judged.
+    Missed defects come first, the lowest score (the worst miss) first; then false alarms,
+    the highest first; then the rest by score. Example:
     `write_report(Path("out/report.html"), "Brackets", summarize(n, a, t), rows)`.
     """
-    cards = sorted(map(_card, rows), key=lambda c: (not c.wrong, -c.score, c.name))
-    wrong = sum(card.wrong for card in cards)
+    cards = sorted(map(_card, rows), key=_order)
+    missed = sum(card.wrong and card.verdict == "ok" for card in cards)
+    alarms = sum(card.wrong and card.verdict == "ng" for card in cards)
+    summary = (
+        f"{len(cards)} images judged: {missed} missed defect{'' if missed == 1 else 's'}, "
+        f"{alarms} false alarm{'' if alarms == 1 else 's'}"
+        + (f"; {len(failed)} could not be judged (listed at the end)." if failed else ".")
+    )
     page = "\n".join(
         [
             "<!DOCTYPE html>",
@@ -82,7 +106,8 @@ def write_report(
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>",
             f"<h1>{escape(title)}</h1>",
-            f"<p>{len(cards)} images, {wrong} misjudged.</p>",
+            _about_table(about or {}),
+            f"<p>{escape(summary)}</p>",
             '<div class="tables">',
             _metrics_table(metrics),
             _confusion_table(metrics),
@@ -90,11 +115,36 @@ def write_report(
             "<h2>Images</h2>",
             '<div class="grid">',
             *map(_card_html, cards),
-            "</div></body></html>",
+            "</div>",
+            _failed_list(failed),
+            "</body></html>",
             "",
         ]
     )
     write_atomically(path, page)
+
+
+def _order(card: _Card) -> tuple[int, float, str]:
+    if card.wrong:
+        return (0, card.score, card.name) if card.verdict == "ok" else (1, -card.score, card.name)
+    return 2, -card.score, card.name
+
+
+def _about_table(about: Mapping[str, str]) -> str:
+    if not about:
+        return ""
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in about.items())
+    return f'<table class="about">{rows}</table>'
+
+
+def _failed_list(failed: Sequence[tuple[str, str]]) -> str:
+    if not failed:
+        return ""
+    items = "".join(
+        f'<li><span class="name">{escape(n)}</span>: <span class="failed">{escape(why)}</span></li>'
+        for n, why in failed
+    )
+    return f"<h2>Not judged</h2><ul>{items}</ul>"
 
 
 def _card(row: Mapping[str, object]) -> _Card:
@@ -149,7 +199,8 @@ def _metrics_table(metrics: Mapping[str, object]) -> str:
     for key in keys:
         value = _number(metrics[key], significant=key in _SIGNIFICANT or key not in _METRICS)
         rows += (
-            f'<tr><th>{escape(_METRICS.get(key, key))}</th><td class="n">{escape(value)}</td></tr>'
+            f"<tr><th>{escape(_METRICS.get(key, _EXTRA.get(key, key)))}</th>"
+            f'<td class="n">{escape(value)}</td></tr>'
         )
 
     return f"<table><caption>Metrics</caption>{rows}</table>"

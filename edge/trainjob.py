@@ -227,7 +227,7 @@ def _evaluate(model_path: Path, test: Path, out: Path) -> dict[str, Any]:
     model = Model(model_path, threads=1)
     results = score_folder(model, test, lambda d, t: _emit(f"evaluating {out.name}", d, t))
     metrics = metrics_of(model, results)
-    write_outputs(model, results, metrics, out)
+    write_outputs(model, results, metrics, out, data=test)
     images = {
         f"{r.label}/{r.path.name}": {
             "verdict": r.detection.verdict,

@@ -200,6 +200,57 @@ def test_defects_sorted_into_subfolders_are_not_silently_left_out(
     assert not (tmp_path / "report" / "report.html").exists()
     r = run("train", data, "-o", tmp_path / "m.onnx")
     assert r.returncode == EX_DATAERR and hint in r.stderr
+    # Some sorted, some not: the sorted ones were left out without a word.
+    loose = list_images(parts / "test" / "anomaly")[0]
+    (data / "anomaly" / loose.name).write_bytes(loose.read_bytes())
+    r = run("evaluate", parts_model, data, "--report", tmp_path / "report")
+    assert r.returncode == EX_DATAERR
+    assert r.stderr.strip() == (
+        f"edge-inspect: folder {data / 'anomaly'} holds images and subfolders of images "
+        "(stain), which are not read: put their images in it directly, or move the "
+        "subfolders out"
+    )
+
+
+def test_evaluate_judges_the_rest_past_a_bad_image_and_says_which(
+    tmp_path: Path, parts: Path, parts_model: Path
+) -> None:
+    """One unreadable file among hundreds ended the whole evaluation, with no report."""
+    data = tmp_path / "test"
+    shutil.copytree(parts / "test", data)
+    cut = data / "anomaly" / "cut.png"
+    cut.write_bytes(list_images(data / "anomaly")[0].read_bytes()[:300])
+    report, js = tmp_path / "report", tmp_path / "metrics.json"
+    r = run("evaluate", parts_model, data, "--report", report, "--json", js)
+    assert r.returncode == EX_DATAERR
+    assert f"edge-inspect: image {cut} is truncated" in r.stderr
+    assert "1 image(s) could not be judged" in r.stdout
+    doc = json.loads(js.read_text())
+    why = f"image {cut} is truncated (the PNG has no IEND chunk)"
+    assert doc["failed"] == [{"file": str(cut), "error": why}]
+    n = len(list_images(parts / "test" / "normal")) + len(list_images(parts / "test" / "anomaly"))
+    assert len(doc["images"]) == n  # all the others, judged
+    assert doc["test_data"] == str(data.resolve()) and doc["tool_version"]
+    assert doc["threshold_rule"].startswith("best separation")
+    html = (report / "report.html").read_text()
+    assert "<h2>Not judged</h2>" in html and "anomaly/cut.png" in html
+    assert f"<tr><th>Test data</th><td>{data.resolve()}</td></tr>" in html
+
+
+def test_evaluate_without_defects_leaves_their_figures_undefined(
+    tmp_path: Path, parts: Path, parts_model: Path
+) -> None:
+    """Recall and F1 read 0.0000 with no defective images, as if measured and awful."""
+    data = tmp_path / "test"
+    shutil.copytree(parts / "test" / "normal", data / "normal")
+    js = tmp_path / "metrics.json"
+    r = run("evaluate", parts_model, data, "--report", tmp_path / "report", "--json", js)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(js.read_text())
+    assert doc["auroc"] is None and doc["recall"] is None and doc["f1"] is None
+    assert isinstance(doc["accuracy"], float)
+    assert re.search(r"recall +n/a", r.stdout) and re.search(r"F1 +n/a", r.stdout)
+    assert "no defective images: AUROC, recall and F1 need some in anomaly/" in r.stdout
 
 
 def test_model_that_is_not_ours_is_refused(tmp_path: Path, parts: Path) -> None:

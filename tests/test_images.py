@@ -385,10 +385,14 @@ def test_list_images_is_sorted_flat_and_skips_hidden_and_other_files(tmp_path: P
     for name in ["b.png", "a.JPG", "c.webp", "d.tiff", ".hidden.png", "notes.txt", "e.jpeg"]:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "nested.png").write_bytes(b"x")
+    (tmp_path / "sub" / "notes.txt").write_bytes(b"x")
     (tmp_path / "folder.png").mkdir()
     names = [p.name for p in list_images(tmp_path)]
     assert names == ["a.JPG", "b.png", "c.webp", "d.tiff", "e.jpeg"]
+    # A subfolder of images beside images would be left out of the figures: refused.
+    (tmp_path / "sub" / "nested.png").write_bytes(b"x")
+    with pytest.raises(ImageError, match=r"holds images and subfolders of images \(sub\)"):
+        list_images(tmp_path)
 
 
 def test_list_images_covers_every_suffix(tmp_path: Path) -> None:

@@ -85,22 +85,19 @@ def test_confusion_worked_example() -> None:
     assert counts.f1 == pytest.approx(0.8)
 
 
-def test_confusion_undefined_ratios_are_zero() -> None:
+def test_confusion_ratios_with_nothing_to_count_are_not_numbers() -> None:
+    """An evaluation without defects showed recall and F1 as 0.0000, as if measured."""
     none_flagged = confusion([1, 2], [3], threshold=10)
     assert none_flagged == Confusion(tp=0, fp=0, tn=2, fn=1)
-    assert none_flagged.precision == 0.0
+    assert math.isnan(none_flagged.precision)  # no NG verdicts to be right or wrong
     assert none_flagged.recall == 0.0
-    assert none_flagged.f1 == 0.0
+    assert none_flagged.f1 == 0.0  # every defect missed: plainly 0
     only_normal = confusion([1, 2], [], threshold=1.5)
     assert only_normal == Confusion(tp=0, fp=1, tn=1, fn=0)
-    assert only_normal.recall == 0.0
+    assert only_normal.precision == 0.0
+    assert math.isnan(only_normal.recall) and math.isnan(only_normal.f1)
     assert only_normal.accuracy == 0.5
-    assert Confusion(0, 0, 0, 0).accuracy == 0.0
-
-
-def test_best_threshold_separable_scores_split_in_the_middle() -> None:
-    assert best_threshold([1, 2, 3], [5, 6]) == 4.0
-    assert best_threshold([0.2, 0.1], [0.9]) == pytest.approx(0.55)
+    assert math.isnan(Confusion(0, 0, 0, 0).accuracy)
 
 
 def test_best_threshold_prefers_the_widest_gap_among_equal_accuracy() -> None:

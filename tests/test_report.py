@@ -115,20 +115,57 @@ def test_every_image_has_a_card_and_its_overlay_exists(report: tuple[Path, Page]
 def test_misjudged_images_come_first_and_are_flagged(report: tuple[Path, Page]) -> None:
     _, page = report
     names = [card["name"] for card in page.cards]
-    # Misjudged first, each group by score, highest first.
+    # Missed defects first, then false alarms, then the rest by score, highest first.
     assert names == [
-        "good_3 <b>&amp;.png",
         "bad_3.png",
+        "good_3 <b>&amp;.png",
         "bad_1.png",
         "bad_2.png",
         "good_2.png",
         "good_1.png",
     ]
     assert [("wrong" in card["class"]) for card in page.cards] == [True, True] + [False] * 4
-    assert "false alarm" in page.cards[0]["text"]
-    assert "missed defect" in page.cards[1]["text"]
-    assert "label NG" in page.cards[1]["text"] and "verdict OK" in page.cards[1]["text"]
-    assert "score 0.9" in page.cards[1]["text"]
+    assert "missed defect" in page.cards[0]["text"]
+    assert "label NG" in page.cards[0]["text"] and "verdict OK" in page.cards[0]["text"]
+    assert "score 0.9" in page.cards[0]["text"]
+    assert "false alarm" in page.cards[1]["text"]
+
+
+def test_the_worst_misses_come_first(tmp_path: Path) -> None:
+    """The defect the model scored lowest is the one to look at first; then the good part it
+    scored highest. Each count is said."""
+    rows = [
+        {"name": n, "label": label, "verdict": verdict, "score": score}
+        for n, label, verdict, score in [
+            ("barely-missed.png", "ng", "ok", 0.95),
+            ("badly-missed.png", "ng", "ok", 0.2),
+            ("mild-alarm.png", "ok", "ng", 1.1),
+            ("loud-alarm.png", "ok", "ng", 4.0),
+            ("caught.png", "ng", "ng", 3.0),
+        ]
+    ]
+    write_report(tmp_path / "r.html", "Order", {}, rows)
+    text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert [c["name"] for c in Page(text).cards] == [
+        "badly-missed.png",
+        "barely-missed.png",
+        "loud-alarm.png",
+        "mild-alarm.png",
+        "caught.png",
+    ]
+    assert "5 images judged: 2 missed defects, 2 false alarms." in text
+
+
+def test_the_report_says_what_was_evaluated_and_what_was_not(tmp_path: Path) -> None:
+    about = {"Test data": "/data/brackets/test", "Threshold": "3.8884 (best separation)"}
+    failed = [("anomaly/cut.png", "image anomaly/cut.png is truncated")]
+    write_report(tmp_path / "r.html", "Traced", {"normal_images": 4}, [], about, failed)
+    text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "<tr><th>Test data</th><td>/data/brackets/test</td></tr>" in text
+    assert "<tr><th>Threshold</th><td>3.8884 (best separation)</td></tr>" in text
+    assert '<th>Good images</th><td class="n">4</td>' in text
+    assert "1 could not be judged (listed at the end)" in text
+    assert "<h2>Not judged</h2>" in text and "image anomaly/cut.png is truncated" in text
 
 
 def test_metrics_and_confusion_matrix(report: tuple[Path, Page]) -> None:
@@ -190,7 +227,7 @@ def test_rows_without_label_or_overlay(tmp_path: Path) -> None:
     assert all("wrong" not in c["class"] for c in page.cards)
     assert "label unknown" in page.cards[0]["text"]
     assert text.count("no overlay") == 2
-    assert "0 misjudged" in text
+    assert "2 images judged: 0 missed defects, 0 false alarms." in text
 
 
 def test_undefined_and_extra_metrics(tmp_path: Path) -> None:

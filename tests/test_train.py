@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from edge import graph
 from edge.assets import backbone_path
 from edge.images import ImageError, list_images, read_image
-from edge.model import Model, ModelError, read_meta
+from edge.model import Model, ModelError, describe, read_meta
 from edge.train import TrainError, TrainOptions, coreset, position_stats, train
 
 
@@ -466,3 +466,18 @@ def test_hand_edited_metadata_is_refused_with_the_key_named(
         read_meta(edited)
     with pytest.raises(ModelError, match=message):
         Model(edited)
+
+
+def test_a_part_judged_ng_by_a_hair_still_has_its_region_and_box() -> None:
+    """The region outline follows an interpolated map, which shaves peaks: a part just over
+    the threshold was NG with area 0 and no box to show where."""
+    amap = np.zeros((8, 10), np.float32)
+    amap[3, 6] = 1.02  # one cell a little over the threshold, its neighbours far under it
+    d = describe(float(amap.max()), amap, 1.0, (100, 50, 200, 160))
+    assert d.verdict == "ng"
+    assert d.area > 0 and len(d.boxes) == 1
+    box = d.boxes[0]
+    assert box.score == pytest.approx(1.02)
+    # the cell covers x 220-240, y 110-130 in image pixels (cells are 20 px square)
+    assert box.x <= 220 + 5 and box.x + box.w >= 240 - 5
+    assert box.y <= 110 + 5 and box.y + box.h >= 130 - 5
