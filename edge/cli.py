@@ -519,7 +519,12 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--port", type=int, help="broker port (default 1883, or the config's)")
     w.add_argument("--prefix", help="topic prefix (default edge-inspect/station, or the config's)")
     w.add_argument("--json", action="store_true", help="one JSON object per message")
-    w.add_argument("--count", type=_positive(int), metavar="N", help="exit after N verdicts")
+    w.add_argument(
+        "--count",
+        type=_positive(int),
+        metavar="N",
+        help="exit after N verdicts, live or from the backlog",
+    )
     w.add_argument("--seconds", type=_positive(float), metavar="S", help="exit after S seconds")
     w.set_defaults(func=cmd_watch)
     return p

@@ -178,7 +178,9 @@ class Link:
         """Publish offline, wait for it to be delivered (bounded), disconnect."""
         if self.connected.is_set():
             info = self.client.publish(self.topic("status"), b"offline", qos=1, retain=True)
-            self._publish_state("offline", "stopped")
+            # The last state's details (model, source) stay: which model was running.
+            kept = {k: v for k, v in self._state.items() if k not in ("status", "reason", "time")}
+            self._publish_state("offline", "stopped", **kept)
             try:
                 info.wait_for_publish(timeout_s)
             except (RuntimeError, ValueError) as exc:
@@ -228,13 +230,21 @@ class Link:
         if self.connected.is_set() and not self._stopping.is_set():
             log.warning("lost the broker %s (%s); reconnecting", where, rc)
         elif not self._stopping.is_set() and not self._refused:
-            # The socket opened but no MQTT answer came: a web server on that port, say, or
-            # TLS on one side only. paho alone says little ("Received malformed packet").
-            tls = "with" if self.cfg.tls.enabled else "without"
-            error = (
-                f"{where} did not answer as an MQTT broker ({rc}); check the host and port, "
-                f"and that the broker expects a connection {tls} TLS (mqtt.tls)"
-            )
+            if self.connects:
+                # It answered before, at this address and with these settings: not a mistake
+                # in the config but a broker that is hung or overloaded.
+                error = (
+                    f"{where} took the connection but gave no MQTT answer ({rc}); the broker "
+                    "may be hung or overloaded"
+                )
+            else:
+                # The socket opened but no MQTT answer came: a web server on that port, say,
+                # or TLS on one side only. paho alone says little ("Received malformed packet").
+                tls = "with" if self.cfg.tls.enabled else "without"
+                error = (
+                    f"{where} did not answer as an MQTT broker ({rc}); check the host and "
+                    f"port, and that the broker expects a connection {tls} TLS (mqtt.tls)"
+                )
             if error != self.last_error:
                 log.warning("%s; retrying", error)
             self.last_error = error

@@ -45,7 +45,7 @@ def _stats(s: dict[str, Any]) -> str:
 
 def _state(s: dict[str, Any]) -> str:
     line = f"{s['status']}" + (f": {s['reason']}" if s.get("reason") else "")
-    for key in ("model_id", "source"):  # the state at stop names neither
+    for key in ("model_id", "source"):  # a state from before this release may lack them
         line += f"  {key.removesuffix('_id')} {s[key]}" if key in s else ""
     return line
 
@@ -136,7 +136,7 @@ def watch(
             line = f"{_clock(now)}  {describe(name, bytes(msg.payload))}"
             line += "  (retained)" if msg.retain else ""
         print(line, file=out, flush=True)
-        verdicts += name == "verdict"
+        verdicts += name in ("verdict", "backlog")
         if count is not None and verdicts >= count:
             done.set()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -184,3 +186,34 @@ def test_on_a_full_disk_saved_frames_give_way_to_the_journal(
     time.sleep(2)
     assert station.journal.counts()["total"] > count + 20
     assert station.latest is not None and station.latest.seq is not None
+
+
+def test_a_hung_broker_is_said_to_be_hung_not_misconfigured(
+    tmp_path: Path,
+    parts_model: Path,
+    replay: Path,
+    broker: Broker,
+    run_station: Callable[[Path], Station],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A frozen broker still takes TCP connections but answers none; the station told the
+    technician to check the host, the port and TLS, which had worked all along."""
+    config = write_config(tmp_path, parts_model, replay, broker, "hung", mqtt={"keepalive_s": 5})
+    station = run_station(config)
+    assert station.link is not None
+    link = station.link
+    deadline = time.monotonic() + 15
+    while not link.connected.is_set() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert broker.proc is not None
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 40
+        while link.last_error is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    assert link.last_error is not None
+    assert "took the connection but gave no MQTT answer" in link.last_error
+    assert "may be hung or overloaded" in link.last_error
+    assert not any("check the host and port" in r.getMessage() for r in caplog.records)

@@ -368,6 +368,10 @@ def test_sigterm_publishes_offline_and_exits_0(
     # The retained status says offline to anyone who subscribes later.
     late = subscribe("term/status")
     assert late.wait_for("status").payload == b"offline"
+    # ... and the state still says which model and camera it was stopped with.
+    state = subscribe("term/state").wait_for("state").json()
+    assert (state["status"], state["reason"]) == ("offline", "stopped")
+    assert len(state["model_id"]) == 12 and state["source"]
 
 
 def test_kill_9_leaves_offline_through_the_last_will(
