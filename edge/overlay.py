@@ -68,6 +68,8 @@ def draw_overlay(image_bgr: np.ndarray, detection: Detection) -> np.ndarray:
     region[:] = np.rint(region * (1.0 - alpha) + heat * alpha).astype(np.uint8)
 
     line = max(1, round(max(width, height) / 500))
+    # White edged with black, to show on light parts and dark ones alike.
+    cv2.rectangle(picture, (x, y), (x + w - 1, y + h - 1), (0, 0, 0), line + 2)
     cv2.rectangle(picture, (x, y), (x + w - 1, y + h - 1), _ROI, line)
     for box in detection.boxes:
         corner = (box.x + box.w - 1, box.y + box.h - 1)
