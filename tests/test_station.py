@@ -137,10 +137,11 @@ def test_a_trigger_whose_frame_comes_too_late_gets_no_verdict(
     subscribe: Callable[[str], Subscriber],
     run_station: Callable[[Path], Station],
 ) -> None:
-    # The replay makes a frame every 50 ms; none can start within 1 ms of a trigger. A frame
-    # from later may show the next part: the controller must hear "no verdict", never get one.
+    # The replay makes a frame every 50 ms; one starting within 1 us of the trigger is a
+    # chance of 1 in 50,000 (with 1 ms it was 1 in 50, and the test failed now and then). A
+    # frame from later may show the next part: the controller must hear "no verdict".
     sub = subscribe("late/#")
-    trigger = {"mode": "triggered", "max_delay_ms": 1}
+    trigger = {"mode": "triggered", "max_delay_ms": 0.001}
     run_station(write_config(tmp_path, model_file, replay, broker, "late", trigger=trigger))
     sub.wait_for("status", lambda m: m.payload == b"online")
     sub.publish("late/cmd/trigger", json.dumps({"part_id": "P-1"}))
