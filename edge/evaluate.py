@@ -145,7 +145,7 @@ def write_outputs(
     failed or interrupted run leaves the previous report as it was.
     """
     info = about(model, data) if data is not None else {}
-    doc = to_json(metrics, results, info, failed or [])
+    doc = to_json(metrics, results, info, failed or [], out / "overlays")
     with staged_folder(out) as stage:
         _write_report_files(model, results, metrics, doc, stage, info, failed or [])
         if json_file is not None:
@@ -221,11 +221,16 @@ def to_json(
     results: list[ImageResult],
     info: dict[str, str] | None = None,
     failed: list[tuple[Path, str]] | None = None,
+    overlays: Path | None = None,
 ) -> str:
-    """Metrics, what was evaluated, per-image results and the images that could not be
-    judged, as one JSON document (NaN becomes null)."""
+    """Metrics, what was evaluated, per-image results (with each overlay's path when the
+    overlays folder is given) and the images that could not be judged, as one JSON document
+    (NaN becomes null)."""
     doc = json_metrics(metrics)
     doc.update(info or {})
-    doc["images"] = [r.as_dict() for r in results]
+    doc["images"] = [
+        {**r.as_dict(), **({"overlay": str(overlays / r.overlay_name)} if overlays else {})}
+        for r in results
+    ]
     doc["failed"] = [{"file": str(p), "error": why} for p, why in failed or []]
     return json.dumps(doc, indent=2) + "\n"

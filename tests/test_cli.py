@@ -58,6 +58,7 @@ def test_evaluate_writes_metrics_report_and_overlays(
     assert len(doc["images"]) == n
     assert {img["verdict"] for img in doc["images"]} == {"ok", "ng"}
     assert len(list((report / "overlays").glob("*.jpg"))) == n
+    assert all(Path(img["overlay"]).is_file() for img in doc["images"])
     with (report / "scores.csv").open() as f:
         assert len(list(csv.DictReader(f))) == n
     html = (report / "report.html").read_text()
