@@ -75,6 +75,10 @@ class FrameSource(Protocol):
         the frame is garbage.
         """
 
+    def newest_at(self) -> float | None:
+        """time.monotonic() of the newest frame the camera has made, handed out or not; None
+        when the source cannot tell (it makes frames only as they are read)."""
+
     def close(self) -> None:
         """Stop the camera and let go of it; closing twice is harmless."""
 
@@ -196,6 +200,12 @@ class FolderReplay:
                 raise SourceError(str(exc)) from None
         self._skip_to(k, first, fresh)
         return Frame(check_frame(image, self.name), k + 1, exposed, _wall(exposed))
+
+    def newest_at(self) -> float | None:
+        """A replay is a camera that never stops: its newest frame is the last one due."""
+        if self._t0 is None:
+            return None
+        return self._t0 + int((time.monotonic() - self._t0) / self._period) * self._period
 
     def _skip_to(self, k: int, first: int, fresh: bool) -> None:
         """Frame k is taken: frames first..k-1 were skipped (dropped, unless fresh)."""
@@ -385,6 +395,10 @@ class OpenCVCamera:
         image = check_frame(latest.image, self.name)
         return Frame(image, latest.seq, latest.captured, latest.wall)
 
+    def newest_at(self) -> float | None:
+        with self._cond:
+            return self._latest.captured if self._latest is not None else None
+
     def close(self) -> None:
         self._stop.set()
         thread, self._thread = self._thread, None
@@ -510,6 +524,9 @@ class PiCamera:
             self.dropped += skipped
         self._last_start_ns, self._last_sensor_ns = start_ns, sensor_ns
         return Frame(image, self._seq, start_ns / 1e9, _wall(start_ns / 1e9))
+
+    def newest_at(self) -> float | None:
+        return None  # picamera2 is asked for each frame; what it made meanwhile is not known
 
     def close(self) -> None:
         camera, self._camera = self._camera, None

@@ -612,7 +612,7 @@ class Station:
             except SourceTimeout:
                 if time.monotonic() >= end or self._stop.is_set():
                     raise SourceTimeout(
-                        f"{self.source.name} gave no frame within {wait_s:g} s"
+                        f"{self.source.name} gave no frame within {wait_s:.3g} s"
                     ) from None
                 self.notifier.ping()
 
@@ -638,13 +638,17 @@ class Station:
             if self._stop.is_set():  # the wait was cut short to stop: not a camera fault
                 return
             timeout_s = self.cfg.source.frame_timeout_s
+            # When the camera last showed life: its newest frame, which in triggered mode
+            # nobody may have asked for in a while, else the last frame read.
+            newest = self.source.newest_at()
+            alive = self._delivered_at if newest is None else max(newest, self._delivered_at)
             if (
                 isinstance(exc, SourceTimeout)
                 and wait_s < timeout_s
-                and time.monotonic() - self._delivered_at < timeout_s
+                and time.monotonic() - alive < timeout_s
             ):
-                # Only this trigger's deadline passed, and the camera delivered lately: it is
-                # not known to be at fault. (Silent for frame_timeout_s, it is.)
+                # Only this trigger's deadline passed, and the camera made frames lately: it
+                # is not known to be at fault. (Silent for frame_timeout_s, it is.)
                 why = "no frame came within trigger.max_delay_ms of the trigger"
                 self._no_verdict(part_id, why)
                 return

@@ -142,8 +142,15 @@ def test_a_trigger_whose_frame_comes_too_late_gets_no_verdict(
     # frame from later may show the next part: the controller must hear "no verdict".
     sub = subscribe("late/#")
     trigger = {"mode": "triggered", "max_delay_ms": 0.001}
-    run_station(write_config(tmp_path, model_file, replay, broker, "late", trigger=trigger))
+    source = {"frame_timeout_s": 1}
+    config = write_config(
+        tmp_path, model_file, replay, broker, "late", trigger=trigger, source=source
+    )
+    run_station(config)
     sub.wait_for("status", lambda m: m.payload == b"online")
+    # Parts seconds apart: no frame was read for longer than frame_timeout_s, though the
+    # camera made them all along. That quiet spell made the refused trigger a camera fault.
+    time.sleep(1.5)
     sub.publish("late/cmd/trigger", json.dumps({"part_id": "P-1"}))
     error = sub.wait_for("error").json()
     assert error["part_id"] == "P-1" and "trigger.max_delay_ms" in error["error"]
@@ -610,6 +617,9 @@ class FlakySource:
 
     def close(self) -> None:
         pass
+
+    def newest_at(self) -> float | None:
+        return None
 
     def read(self, after: float | None = None, timeout_s: float = 2.0) -> Frame:
         from edge.sources import check_frame
