@@ -227,7 +227,11 @@ class MqttConfig(_Section):
     tls: TLSConfig = Field(default_factory=TLSConfig)  # type: ignore[arg-type]
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive")
     verdict_expiry_s: int = Field(
-        30, ge=1, description="Verdicts not delivered within this time are dropped by the broker"
+        30,
+        ge=1,
+        le=2**32 - 1,  # MQTT 5's limit: paho raises on more, at the first verdict
+        description="Verdicts the broker cannot deliver within this time of receiving them are "
+        "dropped by it",
     )
     stats_interval_s: float = Field(60.0, gt=0, description="How often to publish stats")
     reconnect_min_s: float = Field(1.0, gt=0, description="First reconnect delay")

@@ -31,6 +31,10 @@ from edge.config import MqttConfig
 log = logging.getLogger(__name__)
 
 COMMANDS = ("trigger", "pause", "resume", "reload")
+# Live verdicts awaiting the broker's acknowledgement: at most this many, none for longer than
+# this; past either, new verdicts go to the backlog (a broker that hangs would deliver them late).
+LIVE_WINDOW = 10
+LIVE_ACK_S = 1.0
 
 OnCommand = Callable[[str, bytes], None]
 OnDelivered = Callable[[int], None]
@@ -86,6 +90,7 @@ class Link:
         self._on_delivered = on_delivered
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # paho message id -> journal seq, this connection
+        self._live: dict[int, float] = {}  # message id -> when sent, of live verdicts in flight
         self._acked_early: dict[int, bool] = {}  # message id -> delivered, before registration
         # Delivered, but the journal could not mark them so (a full disk): never sent again.
         self._unmarked: set[int] = set()
@@ -172,6 +177,7 @@ class Link:
             with self._lock:
                 self._inflight.clear()  # unacknowledged records go out on the backlog
                 self._acked_early.clear()
+                self._live.clear()
             client = None
 
     def stop(self, timeout_s: float = 3.0) -> None:
@@ -265,6 +271,7 @@ class Link:
             if not rc.is_failure:
                 self._deliver(seq)
             del self._inflight[mid]
+            self._live.pop(mid, None)
 
     def _deliver(self, seq: int) -> None:
         try:
@@ -313,6 +320,8 @@ class Link:
             acked = self._acked_early.pop(info.mid, None)
             if acked is None:
                 self._inflight[info.mid] = seq
+                if topic == "verdict":
+                    self._live[info.mid] = time.monotonic()
             elif acked:
                 self._deliver(seq)
         return True
@@ -323,8 +332,22 @@ class Link:
             return set(self._inflight.values()) | self._unmarked
 
     def publish_verdict(self, doc: dict[str, Any], seq: int) -> bool:
-        """Publish a live verdict if connected; False means it stays in the journal's backlog."""
+        """Publish a live verdict if connected and the broker keeps up; False means it stays in
+        the journal's backlog.
+
+        A broker that hangs without closing the connection takes messages into the socket
+        and paho's queue and delivers them, as live verdicts, when it wakes: seconds or
+        minutes late, and its message expiry only counts from then. So while live verdicts
+        wait for their acknowledgement too long, or too many of them, new ones go to the
+        backlog instead.
+        """
         if not self.connected.is_set():
+            return False
+        with self._lock:
+            waiting = list(self._live.values())
+        if len(waiting) >= LIVE_WINDOW or (
+            waiting and time.monotonic() - min(waiting) > LIVE_ACK_S
+        ):
             return False
         return self._send("verdict", doc, seq, self.cfg.verdict_expiry_s)
 

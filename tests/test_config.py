@@ -205,3 +205,10 @@ def test_the_page_certificate_is_checked_before_the_station_runs(
     )
     with pytest.raises(ConfigError, match=r"web\.tls_cert .*: no certificate and key pair"):
         mismatched.web.ssl_context()
+
+
+def test_a_verdict_expiry_mqtt_cannot_carry_is_refused() -> None:
+    # It passed check-config, then paho raised at the first verdict: a restart loop.
+    assert problems(GOOD + "[mqtt]\nverdict_expiry_s = 5000000000\n") == [
+        "station.toml: mqtt.verdict_expiry_s: Input should be less than or equal to 4294967295"
+    ]

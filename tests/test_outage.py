@@ -217,3 +217,39 @@ def test_a_hung_broker_is_said_to_be_hung_not_misconfigured(
     assert "took the connection but gave no MQTT answer" in link.last_error
     assert "may be hung or overloaded" in link.last_error
     assert not any("check the host and port" in r.getMessage() for r in caplog.records)
+
+
+def test_a_hung_broker_gets_its_verdicts_on_the_backlog_not_late_as_live(
+    tmp_path: Path,
+    parts_model: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    """A broker that hangs without closing the connection took every verdict into the socket
+    and paho's queue, then delivered them all on P/verdict seconds late (the expiry counts
+    from the broker's receipt): a controller could act on a stale verdict."""
+    from edge.mqtt import LIVE_WINDOW
+
+    sub = subscribe("stall/#")
+    station = run_station(write_config(tmp_path, parts_model, replay, broker, "stall"))
+    sub.wait_for("verdict", lambda m: len(sub.on("verdict")) >= 5)
+    assert broker.proc is not None
+    os.kill(broker.proc.pid, signal.SIGSTOP)  # keep-alive 30 s: the connection stays up
+    time.sleep(5)
+    os.kill(broker.proc.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while station.journal.backlog() > 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    newest = station.journal.recent(limit=1)[0].seq
+    sub.wait_for("backlog", lambda m: m.json()["seq"] >= newest - 40)  # the last of the outage
+
+    late = [m for m in sub.on("verdict") if m.received - m.json()["wall"] > 2.5]
+    assert len(late) <= LIVE_WINDOW  # sent before the hang was noticed, at most
+    seqs = [m.json()["seq"] for m in sub.on("verdict") + sub.on("backlog")]
+    assert len(seqs) == len(set(seqs))  # each once
+    assert len(sub.on("backlog")) >= 50  # 5 s at 20 frames/s, less the few sent live
+    assert set(range(min(seqs), max(seqs) + 1)) <= set(seqs) | set(
+        r.seq for r in station.journal.unpublished(limit=100)
+    )  # no gap: what is not out yet is still in the journal
