@@ -24,9 +24,23 @@ else:  # pragma: no cover
     import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
 
 
-class _NotANumber:
-    """Stands in for true/false given to a key that is not yes/no, so that validation fails
-    there with that key's own message: pydantic reads `threads = true` as 1 thread otherwise."""
+class _WrongType:
+    """Stands in for a value of the other TOML type: true/false given to a number, or a string
+    given to a yes/no or a number. Validation then fails at that key with its own message;
+    pydantic would read `threads = true` as 1 thread, `loop = "no"` as false and `port =
+    "1883"` as 1883."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def problem(self, expected: str) -> str:
+        if isinstance(self.value, str):
+            return f"must be {expected}, not the text {self.value!r} (leave out the quotes)"
+        return f"must be {expected}, not {str(self.value).lower()}"
+
+
+_EXPECTED = {"bool_type": "true or false", "int_type": "a whole number", "float_type": "a number"}
+_SCALARS = (bool, int, float)
 
 
 class _Section(BaseModel):
@@ -34,15 +48,19 @@ class _Section(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _no_true_for_numbers(cls, data: object) -> object:
+    def _scalars_as_written(cls, data: object) -> object:
         if not isinstance(data, dict):
             return data
         fields = cls.model_fields
+
+        def wrong(key: str, value: object) -> bool:
+            kind = fields[key].annotation if key in fields else None
+            if isinstance(value, bool):
+                return kind in (int, float)
+            return isinstance(value, str) and kind in _SCALARS
+
         return {
-            key: _NotANumber()
-            if isinstance(value, bool) and key in fields and fields[key].annotation is not bool
-            else value
-            for key, value in data.items()
+            key: _WrongType(value) if wrong(key, value) else value for key, value in data.items()
         }
 
 
@@ -427,7 +445,9 @@ def _problems(exc: ValidationError) -> list[str]:
         ]
         key = ".".join(loc) or "(top level)"
         msg = err["msg"]
-        if err["type"] == "extra_forbidden":
+        if isinstance(err.get("input"), _WrongType) and err["type"] in _EXPECTED:
+            msg = err["input"].problem(_EXPECTED[err["type"]])
+        elif err["type"] == "extra_forbidden":
             msg = "unknown key (misspelt?)"
         elif err["type"] == "missing":
             msg = "required key is missing"

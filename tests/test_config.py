@@ -37,7 +37,7 @@ def test_a_minimal_config_is_valid_and_defaults_are_safe() -> None:
         (GOOD + "[station]\nbudget_ms = -1\n", "station.budget_ms: Input should be greater than 0"),
         (
             GOOD + "[station]\nbudget_ms = 'fast'\n",
-            "station.budget_ms: Input should be a valid number",
+            "station.budget_ms: must be a number, not the text 'fast' (leave out the quotes)",
         ),
         (
             GOOD.replace('path = "frames"', 'path = "f"\nfps = 0'),
@@ -72,12 +72,18 @@ def test_a_minimal_config_is_valid_and_defaults_are_safe() -> None:
         # true/false where a number is due: pydantic alone would read true as 1 and false as 0
         (
             GOOD.replace('path = "m.onnx"', 'path = "m.onnx"\nthreads = true'),
-            "model.threads: Input should be a valid integer",
+            "model.threads: must be a whole number, not true",
         ),
-        (GOOD + "[mqtt]\nport = false\n", "mqtt.port: Input should be a valid integer"),
+        (GOOD + "[mqtt]\nport = false\n", "mqtt.port: must be a whole number, not false"),
+        (GOOD + "[station]\nbudget_ms = true\n", "station.budget_ms: must be a number, not true"),
+        # text where a number or yes/no is due: pydantic alone reads "no" as false
         (
-            GOOD + "[station]\nbudget_ms = true\n",
-            "station.budget_ms: Input should be a valid number",
+            GOOD.replace('path = "frames"', 'path = "f"\nloop = "no"'),
+            "source.loop: must be true or false, not the text 'no' (leave out the quotes)",
+        ),
+        (
+            GOOD + "[mqtt]\nport = '1883'\n",
+            "mqtt.port: must be a whole number, not the text '1883' (leave out the quotes)",
         ),
         (
             GOOD + "[trigger]\nmode = 'sometimes'\n",
