@@ -281,7 +281,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     _check_files(cfg)
     print(
         f"{args.config}: valid (station {cfg.station.name}, source {cfg.source.kind}, "
-        f"model {cfg.model.path}, broker {cfg.mqtt.host}:{cfg.mqtt.port})"
+        f"model {cfg.model.path}, "
+        + (f"broker {cfg.mqtt.host}:{cfg.mqtt.port})" if cfg.mqtt.enabled else "no broker)")
     )
     if not cfg.model.path.is_file():
         print(f"note: model file {cfg.model.path} does not exist yet")

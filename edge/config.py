@@ -279,6 +279,14 @@ class MqttConfig(_Section):
     def _no_wildcards(cls, prefix: str) -> str:
         if "+" in prefix or "#" in prefix:
             raise ValueError(f"prefix {prefix!r} must not hold wildcards")
+        # An empty level (the station would publish to "/status") or a "$" topic (the broker's
+        # own, $SYS) is never what was meant.
+        levels = prefix.rstrip("/").split("/")
+        if not prefix.strip("/") or "" in levels[1:] or prefix.startswith("$"):
+            raise ValueError(
+                f"prefix {prefix!r} must be topic levels such as factory/line1/station3, "
+                "none empty and none starting with $"
+            )
         return prefix
 
     def password(self) -> str | None:

@@ -175,6 +175,15 @@ class Model:
             )
         except Exception as exc:
             raise ModelError(f"model {path} cannot be loaded by onnxruntime: {exc}") from None
+        # onnxruntime falls back to the CPU with only a Python warning: say it where it shows.
+        missing = [p for p in providers or [] if p not in self._session.get_providers()]
+        if missing:
+            log.warning(
+                "model %s: onnxruntime here has no %s; it runs on %s",
+                self.path.name,
+                " or ".join(missing),
+                ", ".join(self._session.get_providers()),
+            )
         names = [i.name for i in self._session.get_inputs()]
         outs = [o.name for o in self._session.get_outputs()]
         if names != ["image"] or outs != ["score", "anomaly_map"]:

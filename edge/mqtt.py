@@ -3,7 +3,7 @@
 Topics under the configured prefix P (README, "MQTT topics"):
 
     P/status      retained  online | degraded | paused | offline (the last will says offline)
-    P/state       retained  JSON: status, reason, model_id, source, since
+    P/state       retained  JSON: status, reason, model_id, source, time
     P/verdict     QoS 1     JSON verdict, with an MQTT 5 message expiry
     P/backlog     QoS 1     JSON verdicts that could not be delivered live, oldest first, once
     P/stats       QoS 0     JSON counters and latency percentiles, every stats_interval_s

@@ -518,6 +518,7 @@ class Station:
 
     def _publish_stats(self) -> None:
         doc = {
+            "station": self.cfg.station.name,
             **self.stats.as_dict(),
             "dropped": self.source.dropped,
             "model_id": self.model.id,

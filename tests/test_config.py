@@ -48,6 +48,12 @@ def test_a_minimal_config_is_valid_and_defaults_are_safe() -> None:
             GOOD + "[mqtt]\nprefix = 'line/+/st'\n",
             "mqtt.prefix: prefix 'line/+/st' must not hold wildcards",
         ),
+        (
+            GOOD + "[mqtt]\nprefix = 'line//st'\n",
+            "mqtt.prefix: prefix 'line//st' must be topic levels such as factory/line1/station3",
+        ),
+        (GOOD + "[mqtt]\nprefix = '/'\n", "mqtt.prefix: prefix '/' must be topic levels"),
+        (GOOD + "[mqtt]\nprefix = '$SYS/st'\n", "none starting with $"),
         (GOOD + "[mqtt]\npassword_file = '/p'\n", "mqtt: a password needs a username"),
         (
             GOOD + "[mqtt]\nusername = 'u'\npassword_file = '/p'\npassword_credential = 'c'\n",

@@ -80,17 +80,26 @@ def test_free_run_publishes_every_verdict_with_every_field(
     seqs = [v["seq"] for v in verdicts]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     assert all(0 < v["capture_to_decision_ms"] < 500 and not v["over_budget"] for v in verdicts)
-    assert {
+    assert set(stats) == {  # the README's list, no more, no less
+        "station",
+        "fps",
         "frames",
         "verdicts",
         "ng",
+        "overruns",
+        "dropped",
+        "source_errors",
         "latency_ms_p50",
         "latency_ms_p95",
         "latency_ms_max",
-        "overruns",
         "uptime_s",
         "model_id",
-    } <= set(stats)
+        "status",
+        "backlog",
+        "backlog_deleted",
+        "broker_connects",
+    }
+    assert stats["station"] == "test"
 
     journal = Journal(tmp_path / "state" / "journal.sqlite")
     assert journal.counts()["total"] >= len(verdicts)

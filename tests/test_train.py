@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import cv2
@@ -481,3 +482,15 @@ def test_a_part_judged_ng_by_a_hair_still_has_its_region_and_box() -> None:
     # the cell covers x 220-240, y 110-130 in image pixels (cells are 20 px square)
     assert box.x <= 220 + 5 and box.x + box.w >= 240 - 5
     assert box.y <= 110 + 5 and box.y + box.h >= 130 - 5
+
+
+def test_a_missing_execution_provider_is_said_in_the_log(
+    parts_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a Jetson without the GPU devices, CUDA silently fell back to the CPU (3-5x slower),
+    said only by a Python warning the service's log never showed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnxruntime's own, which the journal never sees
+        Model(parts_model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    [line] = [r for r in caplog.records if "onnxruntime here has no" in r.getMessage()]
+    assert line.levelname == "WARNING" and "CUDAExecutionProvider" in line.getMessage()
