@@ -7,7 +7,7 @@ import os
 import ssl
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -55,8 +55,8 @@ class _Section(BaseModel):
 
         def wrong(key: str, value: object) -> bool:
             kind = fields[key].annotation if key in fields else None
-            if isinstance(value, bool):
-                return kind in (int, float)
+            if isinstance(value, bool):  # fine only for a yes/no (or an optional one)
+                return key in fields and bool not in (kind, *get_args(kind))
             return isinstance(value, str) and kind in _SCALARS
 
         return {
@@ -111,6 +111,17 @@ class OpenCVSource(_Camera):
     device: int | str = Field(
         0, description="USB/V4L2 index, an RTSP/HTTP URL, or a GStreamer pipeline ending in appsink"
     )
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, device: object) -> object:
+        if isinstance(device, bool) or not isinstance(device, (int, str)):
+            raise ValueError(
+                "must be a camera number such as 0, or a device path, URL or GStreamer "
+                "pipeline in quotes"
+            )
+        return device
+
     backend: Literal["any", "v4l2", "gstreamer", "ffmpeg"] = Field(
         "any", description="OpenCV capture backend"
     )
@@ -131,6 +142,14 @@ class Picamera2Source(_Camera):
     colour_gains: tuple[float, float] | None = Field(
         None, description="Fixed white balance (red, blue gains); None leaves auto white balance on"
     )
+
+    @field_validator("colour_gains", mode="before")
+    @classmethod
+    def _two_gains(cls, gains: object) -> object:
+        if isinstance(gains, (list, tuple)) and len(gains) != 2:
+            raise ValueError(f"must be two gains, [red, blue], not {len(gains)}")
+        return gains
+
     lens_position: float | None = Field(
         None,
         ge=0.0,
@@ -455,6 +474,10 @@ def _problems(exc: ValidationError) -> list[str]:
         msg = err["msg"]
         if isinstance(err.get("input"), _WrongType) and err["type"] in _EXPECTED:
             msg = err["input"].problem(_EXPECTED[err["type"]])
+        elif err["type"] == "union_tag_invalid":  # [source] kind
+            ctx = err.get("ctx", {})
+            key += f".{ctx.get('discriminator', 'kind').strip(chr(39))}"
+            msg = f"{ctx.get('tag')!r} is not one of {ctx.get('expected_tags')}"
         elif err["type"] == "extra_forbidden":
             msg = "unknown key (misspelt?)"
         elif err["type"] == "missing":

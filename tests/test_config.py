@@ -33,7 +33,7 @@ def test_a_minimal_config_is_valid_and_defaults_are_safe() -> None:
         (GOOD + "[station]\nbudgt_ms = 5\n", "station.budgt_ms: unknown key (misspelt?)"),
         (GOOD + "[stations]\nname = 'x'\n", "stations: unknown key"),
         ('[source]\nkind = "folder"\npath = "f"\n', "model: required key is missing"),
-        (GOOD.replace('kind = "folder"', 'kind = "webcam"'), "source: Input tag 'webcam'"),
+        (GOOD.replace('kind = "folder"', 'kind = "webcam"'), "source.kind: 'webcam' is not one of"),
         (GOOD + "[station]\nbudget_ms = -1\n", "station.budget_ms: Input should be greater than 0"),
         (
             GOOD + "[station]\nbudget_ms = 'fast'\n",
@@ -90,6 +90,14 @@ def test_a_minimal_config_is_valid_and_defaults_are_safe() -> None:
         (
             GOOD + "[mqtt]\nport = '1883'\n",
             "mqtt.port: must be a whole number, not the text '1883' (leave out the quotes)",
+        ),
+        (
+            '[model]\npath = "m"\n[source]\nkind = "opencv"\ndevice = true\n',
+            "source.device: must be a camera number such as 0, or a device path",
+        ),
+        (
+            '[model]\npath = "m"\n[source]\nkind = "picamera2"\ncolour_gains = [1.8]\n',
+            "source.colour_gains: must be two gains, [red, blue], not 1",
         ),
         (
             GOOD + "[trigger]\nmode = 'sometimes'\n",
