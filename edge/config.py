@@ -448,6 +448,15 @@ class Config(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)  # type: ignore[arg-type]
     web: WebConfig = Field(default_factory=WebConfig)  # type: ignore[arg-type]
 
+    @model_validator(mode="after")
+    def _can_be_triggered(self) -> Config:
+        if self.trigger.mode == "triggered" and not (self.mqtt.enabled or self.web.enabled):
+            raise ValueError(
+                "trigger: mode 'triggered' waits for triggers, which come over MQTT or from "
+                "the page: turn on [mqtt] or [web], or use mode 'free'"
+            )
+        return self
+
     @property
     def client_id(self) -> str:
         return self.mqtt.client_id or f"edge-inspect-{self.station.name}"
@@ -470,7 +479,7 @@ def _problems(exc: ValidationError) -> list[str]:
             for p in err["loc"]
             if not (err["loc"][:1] == ("source",) and p in ("folder", "opencv", "picamera2"))
         ]
-        key = ".".join(loc) or "(top level)"
+        key = ".".join(loc)  # empty for a rule across sections, whose message names them
         msg = err["msg"]
         if isinstance(err.get("input"), _WrongType) and err["type"] in _EXPECTED:
             msg = err["input"].problem(_EXPECTED[err["type"]])
@@ -484,7 +493,7 @@ def _problems(exc: ValidationError) -> list[str]:
             msg = "required key is missing"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        out.append(f"{key}: {msg}")
+        out.append(f"{key}: {msg}" if key else msg)
     return out
 
 

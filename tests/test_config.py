@@ -100,6 +100,11 @@ def test_a_minimal_config_is_valid_and_defaults_are_safe() -> None:
             "source.colour_gains: must be two gains, [red, blue], not 1",
         ),
         (
+            GOOD + "[trigger]\nmode = 'triggered'\n[mqtt]\nenabled = false\n",
+            "station.toml: trigger: mode 'triggered' waits for triggers, which come over MQTT or "
+            "from the page",
+        ),
+        (
             GOOD + "[trigger]\nmode = 'sometimes'\n",
             "trigger.mode: Input should be 'free' or 'triggered'",
         ),
