@@ -40,6 +40,20 @@ OnCommand = Callable[[str, bytes], None]
 OnDelivered = Callable[[int], None]
 
 
+class _OnceIsEnough(logging.Filter):
+    """paho logs a failed socket read at ERROR on every reconnect attempt (a port that is not
+    a broker: every second); the link says what is wrong itself, once per change. Those lines
+    are kept for a debug run only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("failed to receive on socket"):
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("paho").addFilter(_OnceIsEnough())
+
+
 def _dumps(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -479,3 +480,46 @@ def test_a_port_that_is_not_an_mqtt_broker_is_named(
     named = [m for m in warned if f"127.0.0.1:{port} did not answer as an MQTT broker" in m]
     assert len(named) == 1, warned  # once, not on every retry
     assert "without TLS (mqtt.tls)" in named[0]
+
+
+def test_paho_s_socket_errors_do_not_repeat_in_the_log(
+    tmp_path: Path,
+    parts_model: Path,
+    replay: Path,
+    caplog: pytest.LogCaptureFixture,
+    run_station: Callable[[Path], Station],
+) -> None:
+    """At the service's level, paho's 'failed to receive on socket' came at ERROR once a
+    second beside the station's own single line."""
+    caplog.set_level(logging.INFO)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def hang_up() -> None:
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                conn.recv(1024)
+                # a reset, as a service that is not a broker gives: paho's "[Errno 104]"
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        config = write_config(
+            tmp_path,
+            parts_model,
+            replay,
+            None,
+            "quiet",
+            mqtt={"enabled": True, "host": "127.0.0.1", "port": port, "reconnect_min_s": 0.2},
+        )
+        station = run_station(config)
+        assert station.link is not None
+        assert wait_until(lambda: station.link is not None and station.link.last_error, 20)
+        time.sleep(2)  # several retries
+    paho = [r for r in caplog.records if r.name == "paho" and r.levelno >= logging.ERROR]
+    assert paho == []
+    ours = [r for r in caplog.records if "did not answer as an MQTT broker" in r.getMessage()]
+    assert len(ours) == 1
