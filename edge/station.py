@@ -424,6 +424,9 @@ class Station:
         try:
             # The file's signature before it is read: one written meanwhile is loaded later.
             st = None if install else path.stat()
+            if install is None and self._same_as_running(path):
+                # Loading it again would cost a session's memory for nothing (40 MB seen).
+                raise ModelError(f"model file {path} holds the running model already")
             model = Model(
                 install or path,
                 threads=self.cfg.model.threads,
@@ -458,6 +461,9 @@ class Station:
             self._candidates.put(
                 f"new model not taken ({why}): {exc}; still running {self.model.id}"
             )
+
+    def _same_as_running(self, path: Path) -> bool:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == self.model.sha256
 
     def _swap_model(self) -> None:
         """Between frames: take a model the loader has checked, or report why it failed."""

@@ -259,6 +259,12 @@ def test_pause_resume_and_reload_commands(
     sub.wait_for("status", lambda m: m.payload == b"online" and m.received > time.time() - 5)
     sub.wait_for("verdict", lambda m: len(sub.on("verdict")) > count)
 
+    # Reload of the file the station runs already: said, and nothing loaded again.
+    sub.publish("cmds/cmd/reload", "")
+    same = sub.wait_for("error").json()
+    assert same["command"] == "reload" and "holds the running model already" in same["error"]
+    assert station.model.id == first["model_id"]
+
     # Reload: a model trained on fewer images has another id; verdicts switch to it.
     from edge.train import train
 
