@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import logging
 import math
@@ -134,6 +136,14 @@ def read_meta(path: Path) -> ModelMeta:
             f"model {path} is not a readable ONNX file ({type(exc).__name__})"
         ) from None
     return ModelMeta.from_props({p.key: p.value for p in proto.metadata_props}, str(path))
+
+
+def give_back_memory() -> None:
+    """Hand memory freed by a dropped model back to the system. glibc keeps it otherwise: each
+    model swap left 15-40 MB more resident, measured (180 -> 300 MB over a shift's swaps).
+    Nothing happens where the C library has no malloc_trim (musl, macOS)."""
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def session_options(threads: int) -> ort.SessionOptions:

@@ -25,7 +25,7 @@ from edge.config import Config
 from edge.detection import Detection
 from edge.files import write_atomically
 from edge.journal import Journal, JournalError, Record
-from edge.model import Model, ModelError
+from edge.model import Model, ModelError, give_back_memory
 from edge.mqtt import COMMANDS, Link, part_id_of
 from edge.overlay import OVERLAY_SIDE, draw_preview
 from edge.sources import Frame, FrameSource, SourceEnded, SourceError, SourceTimeout, open_source
@@ -483,6 +483,8 @@ class Station:
         self.model_event = ModelEvent(
             time.time(), True, f"model {model.id} replaced {old.id} between two frames"
         )
+        del old
+        give_back_memory()
         self._set_status(self.status, self.reason)
 
     def _watch_model_file(self) -> None:

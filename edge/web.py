@@ -29,7 +29,7 @@ from edge.dataset import Dataset, DatasetError, check_label
 from edge.httpd import HttpError, Reply, Request, Server, cookie, json_reply, serve
 from edge.images import ImageError, decode_image
 from edge.journal import Record
-from edge.model import Model, ModelError
+from edge.model import Model, ModelError, give_back_memory
 from edge.overlay import draw_preview
 from edge.train import MIN_NORMAL
 from edge.trainjob import Trainer, TrainerBusy, TrainerError
@@ -576,6 +576,8 @@ class Web:
         st = path.stat()
         sig = (st.st_mtime_ns, st.st_size, str(path))
         if self._candidate is None or self._candidate[0] != sig:
+            self._candidate = None  # the one tried before goes first, and its memory with it
+            give_back_memory()
             try:
                 self._candidate = (sig, Model(path, threads=1))
             except ModelError as exc:

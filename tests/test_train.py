@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -494,3 +496,44 @@ def test_a_missing_execution_provider_is_said_in_the_log(
         Model(parts_model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     [line] = [r for r in caplog.records if "onnxruntime here has no" in r.getMessage()]
     assert line.levelname == "WARNING" and "CUDAExecutionProvider" in line.getMessage()
+
+
+SWAPS = """
+import sys
+import numpy as np
+from pathlib import Path
+from edge.model import Model, give_back_memory
+
+def rss_mb():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+path = Path(sys.argv[1])
+h, w = Model(path).meta.image_hw or (240, 320)
+frame = np.full((h, w, 3), 128, np.uint8)
+
+def swap():
+    Model(path).run(frame)  # loaded, used and dropped, as a swapped-out model is
+    give_back_memory()
+
+swap()
+before = rss_mb()
+for _ in range(8):
+    swap()
+print(rss_mb() - before)
+"""
+
+
+def test_a_dropped_model_gives_its_memory_back(parts_model: Path) -> None:
+    """Each model swap left 15-40 MB more resident (glibc kept what onnxruntime freed): a
+    station retrained daily grew from 180 to 300 MB in one shift's swaps. Measured in a
+    fresh process, as a station's is (in this one, earlier tests' memory hides it)."""
+    out = subprocess.run(
+        [sys.executable, "-c", SWAPS, str(parts_model)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    assert float(out) < 8  # without giving memory back: 12-18 MB over 8 swaps
