@@ -499,7 +499,14 @@ class Station:
         sig = (st.st_mtime_ns, st.st_size)
         if sig != self._model_sig and sig == self._seen_sig:
             self._model_sig = sig  # tried once per change, whether it loads or not
-            self.reload("model file changed")
+            try:
+                same = self._same_as_running(self.cfg.model.path)
+            except OSError:
+                same = False  # the loader says why it cannot be read
+            if same:  # copied over itself, or touched: not worth a word to the line
+                log.info("model file rewritten with the running model %s", self.model.id)
+            else:
+                self.reload("model file changed")
         self._seen_sig = sig
 
     def _set_status(self, status: str, reason: str) -> None:

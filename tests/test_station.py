@@ -832,6 +832,11 @@ def test_model_dropped_in_place_replaces_the_running_one_between_frames(
     sub = subscribe("drop/#")
     station = run_station(write_config(tmp_path, model_file, replay, broker, "drop"))
     old = sub.wait_for("verdict").json()["model_id"]
+    # Copied over itself (an installer run twice, say): nothing to load, nothing to say.
+    shutil.copy(model_file, model_file.with_name("same.onnx"))
+    os.replace(model_file.with_name("same.onnx"), model_file)
+    time.sleep(2.5)  # the file is looked at every second, and taken once it holds still
+    assert sub.on("error") == [] and station.model.id == old
     # Written the slow way (not renamed into place): the station must wait for the whole file.
     data = other_models["fewer"].read_bytes()
     with model_file.open("wb") as f:
