@@ -324,6 +324,22 @@ def test_prune_deletes_old_delivered_records_oldest_first_in_batches(journal: Jo
     assert journal.backlog() == 20
 
 
+def test_prune_by_age_finds_old_records_wherever_they_lie(journal: Journal) -> None:
+    """Pruning looked only at the oldest records by number, so a clock set a year ahead and
+    put right, or old undelivered records in front, stopped age pruning for good."""
+    ahead = [journal.append(**verdict(i, wall=T0 + 400 * 86400 + i)) for i in range(30)]
+    stuck = [journal.append(**verdict(i)) for i in range(30)]  # old, undelivered
+    old = [journal.append(**verdict(i)) for i in range(50)]
+    for r in ahead + old[::2]:
+        journal.mark_published(r.seq)  # every other old one delivered
+    cutoff = T0 + 100
+    assert journal.prune(cutoff, keep_last=10**6, batch=20) == (20, 0)
+    assert journal.prune(cutoff, keep_last=10**6, batch=20) == (5, 0)
+    assert journal.prune(cutoff, keep_last=10**6, batch=20) == (0, 0)
+    left = {r.seq for r in journal.recent(limit=1000)}
+    assert left == {r.seq for r in ahead + stuck + old[1::2]}  # the delivered old ones went
+
+
 def test_one_writer_at_a_time_and_readers_alongside(tmp_path: Path) -> None:
     """Two stations on one state folder published each other's records: the second is refused,
     naming the first; `records` (a reader) still works while a station runs."""
