@@ -31,9 +31,8 @@ from edge.config import MqttConfig
 log = logging.getLogger(__name__)
 
 COMMANDS = ("trigger", "pause", "resume", "reload")
-# Live verdicts awaiting the broker's acknowledgement: at most this many, none for longer than
-# this; past either, new verdicts go to the backlog (a broker that hangs would deliver them late).
-LIVE_WINDOW = 10
+# A live verdict the broker has not acknowledged in this long, or in 4 times its usual time
+# (a broker far away), means it has stopped taking them: new ones go to the backlog.
 LIVE_ACK_S = 1.0
 
 OnCommand = Callable[[str, bytes], None]
@@ -105,6 +104,7 @@ class Link:
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # paho message id -> journal seq, this connection
         self._live: dict[int, float] = {}  # message id -> when sent, of live verdicts in flight
+        self._ack_s = 0.0  # the broker's usual time to acknowledge a verdict (moving average)
         self._acked_early: dict[int, bool] = {}  # message id -> delivered, before registration
         # Delivered, but the journal could not mark them so (a full disk): never sent again.
         self._unmarked: set[int] = set()
@@ -285,7 +285,9 @@ class Link:
             if not rc.is_failure:
                 self._deliver(seq)
             del self._inflight[mid]
-            self._live.pop(mid, None)
+            sent = self._live.pop(mid, None)
+            if sent is not None:
+                self._ack_s += 0.2 * (time.monotonic() - sent - self._ack_s)
 
     def _deliver(self, seq: int) -> None:
         try:
@@ -351,17 +353,16 @@ class Link:
 
         A broker that hangs without closing the connection takes messages into the socket
         and paho's queue and delivers them, as live verdicts, when it wakes: seconds or
-        minutes late, and its message expiry only counts from then. So while live verdicts
-        wait for their acknowledgement too long, or too many of them, new ones go to the
-        backlog instead.
+        minutes late, and its message expiry only counts from then. So while a live verdict
+        has waited for its acknowledgement much longer than the broker usually takes, new
+        ones go to the backlog instead.
         """
         if not self.connected.is_set():
             return False
         with self._lock:
-            waiting = list(self._live.values())
-        if len(waiting) >= LIVE_WINDOW or (
-            waiting and time.monotonic() - min(waiting) > LIVE_ACK_S
-        ):
+            oldest = min(self._live.values(), default=None)
+            patience = max(LIVE_ACK_S, 4 * self._ack_s)
+        if oldest is not None and time.monotonic() - oldest > patience:
             return False
         return self._send("verdict", doc, seq, self.cfg.verdict_expiry_s)
 
