@@ -70,7 +70,10 @@ def score_folder(
     # defects yet. One holding files but no images (defects sorted into subfolders, say) is
     # refused rather than silently left out.
     todo = [
-        (p, label) for folder, label in groups if has_entries(folder) for p in list_images(folder)
+        (p, label)
+        for folder, label in groups
+        if has_entries(folder)
+        for p in list_images(folder, labelled=True)
     ]
     if not todo:
         if not data.is_dir():

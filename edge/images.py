@@ -28,9 +28,11 @@ class ImageError(ValueError):
     """An image file that edge-inspect cannot use; the message names the file and the reason."""
 
 
-def list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path, labelled: bool = False) -> list[Path]:
     """Return the image files directly inside `folder`, sorted by name, hidden files skipped.
 
+    `labelled`: a folder of labelled images (normal/, anomaly/), which is refused when it also
+    has subfolders of images, since those would be left out.
     Example: `list_images(Path("data/good"))` -> `[Path("data/good/001.png"), ...]`.
     """
     if not folder.is_dir():
@@ -53,10 +55,13 @@ def list_images(folder: Path) -> list[Path]:
         nested = any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
         hint = "; images in its subfolders are not read: put them in it directly" if nested else ""
         raise ImageError(f"folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}){hint}")
-    # Some defects sorted into a subfolder, others not: the figures would silently leave out
-    # the sorted ones.
+    if not labelled:
+        return images
+    # A labelled folder (normal/, anomaly/) with some defects sorted into a subfolder and
+    # others not: training and the figures would silently leave out the sorted ones. (A
+    # camera's replay folder or photos for `detect` may keep an archive beside them.)
     holding = sorted(
-        p.name for p in folder.iterdir() if not p.name.startswith(".") and has_images(p)
+        p.name for p in folder.iterdir() if not p.name.startswith(".") and _holds_images(p)
     )
     if holding:
         raise ImageError(
@@ -74,6 +79,13 @@ def has_entries(folder: Path) -> bool:
     no images is refused by list_images() rather than silently left out.
     """
     return folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir())
+
+
+def _holds_images(folder: Path) -> bool:
+    try:
+        return has_images(folder)
+    except OSError:  # lost+found, say: not ours to read, and not a folder of our images
+        return False
 
 
 def has_images(folder: Path) -> bool:

@@ -328,7 +328,7 @@ def train(
             f" (give {data / 'train'}, which has one)" if (data / "train/normal").is_dir() else ""
         )
         raise TrainError(f"training folder {data} has no normal/ folder of good images{hint}")
-    normal_paths = list_images(normal_dir)
+    normal_paths = list_images(normal_dir, labelled=True)
     if len(normal_paths) < MIN_NORMAL:
         raise TrainError(
             f"folder {normal_dir} holds {len(normal_paths)} images; "
@@ -336,7 +336,7 @@ def train(
         )
     anomaly_paths: list[Path] = []
     if has_entries(anomaly_dir):
-        anomaly_paths = list_images(anomaly_dir)
+        anomaly_paths = list_images(anomaly_dir, labelled=True)
     checks = _Checks(opts.roi)
 
     backbone_file = backbone_path()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -389,10 +390,19 @@ def test_list_images_is_sorted_flat_and_skips_hidden_and_other_files(tmp_path: P
     (tmp_path / "folder.png").mkdir()
     names = [p.name for p in list_images(tmp_path)]
     assert names == ["a.JPG", "b.png", "c.webp", "d.tiff", "e.jpeg"]
-    # A subfolder of images beside images would be left out of the figures: refused.
+    # A subfolder of images beside labelled images would be left out of training and the
+    # figures: refused there. A camera's replay folder or photos for detect may keep one.
     (tmp_path / "sub" / "nested.png").write_bytes(b"x")
     with pytest.raises(ImageError, match=r"holds images and subfolders of images \(sub\)"):
-        list_images(tmp_path)
+        list_images(tmp_path, labelled=True)
+    assert [p.name for p in list_images(tmp_path)] == names
+    # A subfolder it may not read (lost+found at a disk's root) is not ours: passed over.
+    (tmp_path / "sub").chmod(0)
+    try:
+        if os.geteuid() != 0:  # root reads it anyway
+            assert [p.name for p in list_images(tmp_path, labelled=True)] == names
+    finally:
+        (tmp_path / "sub").chmod(0o755)
 
 
 def test_list_images_covers_every_suffix(tmp_path: Path) -> None:

@@ -126,6 +126,17 @@ def test_fresh_frame_starts_after_the_call(tmp_path: Path, sources: list[FrameSo
     assert abs(frame.wall - time.time() - (frame.captured - time.monotonic())) < 0.05
 
 
+def test_a_replay_folder_may_keep_an_archive_beside_its_images(
+    tmp_path: Path, sources: list[FrameSource]
+) -> None:
+    # The rule against subfolders of images is for labelled training and test folders; a
+    # re-check found it had left a camera replay with an archive/ beside it inspecting nothing.
+    data = write_images(tmp_path / "data", 4)
+    write_images(data / "archive", 2)
+    source = opened(sources, open_source(folder(data)))
+    assert source.read().image.shape[2] == 3
+
+
 def test_folder_loops(tmp_path: Path, sources: list[FrameSource]) -> None:
     source = opened(sources, open_source(folder(write_images(tmp_path, 3), fps=200)))
     frames = [source.read() for _ in range(8)]
