@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import ssl
 import sys
@@ -54,10 +55,19 @@ class _Section(BaseModel):
         fields = cls.model_fields
 
         def wrong(key: str, value: object) -> bool:
-            kind = fields[key].annotation if key in fields else None
-            if isinstance(value, bool):  # fine only for a yes/no (or an optional one)
-                return key in fields and bool not in (kind, *get_args(kind))
-            return isinstance(value, str) and kind in _SCALARS
+            if key not in fields:
+                return False  # an unknown key, said as such
+            kind = fields[key].annotation
+            types = {t for t in (kind, *get_args(kind)) if isinstance(t, type)}
+            if not types & set(_SCALARS):
+                return False  # text, paths, choices, lists: pydantic's own checks hold
+            if isinstance(value, bool):
+                return bool not in types
+            if isinstance(value, str):
+                return str not in types  # `device` takes a number or a text
+            if isinstance(value, (int, float)):
+                return not types & {int, float}  # a number for a yes/no
+            return False
 
         return {
             key: _WrongType(value) if wrong(key, value) else value for key, value in data.items()
@@ -146,8 +156,11 @@ class Picamera2Source(_Camera):
     @field_validator("colour_gains", mode="before")
     @classmethod
     def _two_gains(cls, gains: object) -> object:
-        if isinstance(gains, (list, tuple)) and len(gains) != 2:
-            raise ValueError(f"must be two gains, [red, blue], not {len(gains)}")
+        if isinstance(gains, (list, tuple)) and (
+            len(gains) != 2
+            or any(isinstance(g, bool) or not isinstance(g, (int, float)) for g in gains)
+        ):
+            raise ValueError(f"must be two numbers, [red, blue], not {json.dumps(list(gains))}")
         return gains
 
     lens_position: float | None = Field(
@@ -301,10 +314,11 @@ class MqttConfig(_Section):
         # An empty level (the station would publish to "/status") or a "$" topic (the broker's
         # own, $SYS) is never what was meant.
         levels = prefix.rstrip("/").split("/")
-        if not prefix.strip("/") or "" in levels[1:] or prefix.startswith("$"):
+        blank = not prefix.strip("/ ") or any(not c.isprintable() for c in prefix)
+        if blank or "" in levels[1:] or prefix.startswith("$"):
             raise ValueError(
                 f"prefix {prefix!r} must be topic levels such as factory/line1/station3, "
-                "none empty and none starting with $"
+                "none empty, none starting with $, in printable characters"
             )
         return prefix
 
@@ -484,6 +498,9 @@ def _problems(exc: ValidationError) -> list[str]:
         msg = err["msg"]
         if isinstance(err.get("input"), _WrongType) and err["type"] in _EXPECTED:
             msg = err["input"].problem(_EXPECTED[err["type"]])
+        elif err["type"] == "union_tag_not_found":  # [source] without a kind
+            key += ".kind"
+            msg = "required key is missing (folder, opencv or picamera2)"
         elif err["type"] == "union_tag_invalid":  # [source] kind
             ctx = err.get("ctx", {})
             key += f".{ctx.get('discriminator', 'kind').strip(chr(39))}"

@@ -88,6 +88,20 @@ def test_a_minimal_config_is_valid_and_defaults_are_safe() -> None:
             "source.loop: must be true or false, not the text 'no' (leave out the quotes)",
         ),
         (
+            '[model]\npath = "m"\n[source]\nkind = "picamera2"\ncolour_gains = [true, false]\n',
+            "source.colour_gains: must be two numbers, [red, blue], not [true, false]",
+        ),
+        (
+            '[model]\npath = "m"\n[source]\nkind = "opencv"\nwidth = "1280"\n',
+            "source.width: must be a whole number, not the text '1280' (leave out the quotes)",
+        ),
+        (
+            GOOD.replace('path = "frames"', 'path = "f"\nloop = 0'),
+            "source.loop: must be true or false, not 0",
+        ),
+        ('[model]\npath = "m"\n[source]\npath = "f"\n', "source.kind: required key is missing"),
+        (GOOD + "[mqtt]\nprefix = ' '\n", "mqtt.prefix: prefix ' ' must be topic levels"),
+        (
             GOOD + "[mqtt]\nport = '1883'\n",
             "mqtt.port: must be a whole number, not the text '1883' (leave out the quotes)",
         ),
@@ -97,7 +111,7 @@ def test_a_minimal_config_is_valid_and_defaults_are_safe() -> None:
         ),
         (
             '[model]\npath = "m"\n[source]\nkind = "picamera2"\ncolour_gains = [1.8]\n',
-            "source.colour_gains: must be two gains, [red, blue], not 1",
+            "source.colour_gains: must be two numbers, [red, blue], not [1.8]",
         ),
         (
             GOOD + "[trigger]\nmode = 'triggered'\n[mqtt]\nenabled = false\n",
