@@ -283,6 +283,14 @@ class MqttConfig(_Section):
         description="Verdicts the broker cannot deliver within this time of receiving them are "
         "dropped by it",
     )
+    live_ack_s: float = Field(
+        1.0,
+        ge=0.1,
+        le=60,
+        description="A live verdict the broker has not acknowledged in this long means it has "
+        "stopped taking them: new ones go to the backlog. Raise it above the round trip of a "
+        "broker far away",
+    )
     stats_interval_s: float = Field(60.0, gt=0, description="How often to publish stats")
     reconnect_min_s: float = Field(1.0, gt=0, description="First reconnect delay")
     reconnect_max_s: float = Field(30.0, gt=0, description="Longest reconnect delay (back-off cap)")

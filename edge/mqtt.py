@@ -31,9 +31,6 @@ from edge.config import MqttConfig
 log = logging.getLogger(__name__)
 
 COMMANDS = ("trigger", "pause", "resume", "reload")
-# A live verdict the broker has not acknowledged in this long, or in 4 times its usual time
-# (a broker far away), means it has stopped taking them: new ones go to the backlog.
-LIVE_ACK_S = 1.0
 
 OnCommand = Callable[[str, bytes], None]
 OnDelivered = Callable[[int], None]
@@ -104,7 +101,6 @@ class Link:
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # paho message id -> journal seq, this connection
         self._live: dict[int, float] = {}  # message id -> when sent, of live verdicts in flight
-        self._ack_s = 0.0  # the broker's usual time to acknowledge a verdict (moving average)
         self._acked_early: dict[int, bool] = {}  # message id -> delivered, before registration
         # Delivered, but the journal could not mark them so (a full disk): never sent again.
         self._unmarked: set[int] = set()
@@ -285,9 +281,7 @@ class Link:
             if not rc.is_failure:
                 self._deliver(seq)
             del self._inflight[mid]
-            sent = self._live.pop(mid, None)
-            if sent is not None:
-                self._ack_s += 0.2 * (time.monotonic() - sent - self._ack_s)
+            self._live.pop(mid, None)
 
     def _deliver(self, seq: int) -> None:
         try:
@@ -354,15 +348,15 @@ class Link:
         A broker that hangs without closing the connection takes messages into the socket
         and paho's queue and delivers them, as live verdicts, when it wakes: seconds or
         minutes late, and its message expiry only counts from then. So while a live verdict
-        has waited for its acknowledgement much longer than the broker usually takes, new
-        ones go to the backlog instead.
+        has waited longer than `live_ack_s` for its acknowledgement, new ones go to the
+        backlog instead. (A fixed time: one learnt from the broker's recent answers learnt a
+        hang's delays as usual, and missed the next hang.)
         """
         if not self.connected.is_set():
             return False
         with self._lock:
             oldest = min(self._live.values(), default=None)
-            patience = max(LIVE_ACK_S, 4 * self._ack_s)
-        if oldest is not None and time.monotonic() - oldest > patience:
+        if oldest is not None and time.monotonic() - oldest > self.cfg.live_ack_s:
             return False
         return self._send("verdict", doc, seq, self.cfg.verdict_expiry_s)
 

@@ -230,26 +230,27 @@ def test_a_hung_broker_gets_its_verdicts_on_the_backlog_not_late_as_live(
     """A broker that hangs without closing the connection took every verdict into the socket
     and paho's queue, then delivered them all on P/verdict seconds late (the expiry counts
     from the broker's receipt): a controller could act on a stale verdict."""
-    from edge.mqtt import LIVE_ACK_S
-
     sub = subscribe("stall/#")
     station = run_station(write_config(tmp_path, parts_model, replay, broker, "stall"))
     sub.wait_for("verdict", lambda m: len(sub.on("verdict")) >= 5)
     assert broker.proc is not None
-    os.kill(broker.proc.pid, signal.SIGSTOP)  # keep-alive 30 s: the connection stays up
-    time.sleep(5)
-    os.kill(broker.proc.pid, signal.SIGCONT)
-    deadline = time.monotonic() + 30
-    while station.journal.backlog() > 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    newest = station.journal.recent(limit=1)[0].seq
-    sub.wait_for("backlog", lambda m: m.json()["seq"] >= newest - 40)  # the last of the outage
+    # Twice: the delays of the first hang must not be learnt as the broker's usual time.
+    for _ in range(2):
+        os.kill(broker.proc.pid, signal.SIGSTOP)  # keep-alive 30 s: the connection stays up
+        time.sleep(5)
+        os.kill(broker.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while station.journal.backlog() > 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        newest = station.journal.recent(limit=1)[0].seq
+        sub.wait_for("backlog", lambda m, n=newest: m.json()["seq"] >= n - 40)  # its last
 
     late = [m for m in sub.on("verdict") if m.received - m.json()["wall"] > 2.5]
-    assert len(late) <= 20 * (LIVE_ACK_S + 0.5)  # sent before the hang was noticed, at most
+    # sent before each hang was noticed, at most
+    assert len(late) <= 2 * 20 * (1 + 0.5)  # live_ack_s 1 s at 20 frames/s
     seqs = [m.json()["seq"] for m in sub.on("verdict") + sub.on("backlog")]
     assert len(seqs) == len(set(seqs))  # each once
-    assert len(sub.on("backlog")) >= 50  # 5 s at 20 frames/s, less the few sent live
+    assert len(sub.on("backlog")) >= 100  # 2 x 5 s at 20 frames/s, less the few sent live
     assert set(range(min(seqs), max(seqs) + 1)) <= set(seqs) | set(
         r.seq for r in station.journal.unpublished(limit=100)
     )  # no gap: what is not out yet is still in the journal
@@ -264,8 +265,8 @@ def test_a_broker_far_away_gets_every_verdict_live(
     run_station: Callable[[Path], Station],
 ) -> None:
     """Slow is not hung: with 0.3 s there and back at 50 frames/s, 15 verdicts are always in
-    flight, and a fixed window of 10 sent every eleventh to the backlog (a re-check saw a
-    third of them there, so a controller on P/verdict alone missed them)."""
+    flight, and a window of 10 sent every eleventh to the backlog (a re-check saw a third of
+    them there, so a controller on P/verdict alone missed them)."""
     proxy = DelayProxy((broker.host, broker.port), 0.15)
     try:
         sub = subscribe("far/#")
