@@ -323,7 +323,7 @@ class MqttConfig(_Section):
         # own, $SYS) is never what was meant.
         levels = prefix.rstrip("/").split("/")
         blank = not prefix.strip("/ ") or any(not c.isprintable() for c in prefix)
-        if blank or "" in levels[1:] or prefix.startswith("$"):
+        if blank or any(not level.strip() for level in levels[1:]) or prefix.startswith("$"):
             raise ValueError(
                 f"prefix {prefix!r} must be topic levels such as factory/line1/station3, "
                 "none empty, none starting with $, in printable characters"

@@ -669,9 +669,12 @@ class Station:
                 self._no_verdict(part_id, why)
                 return
             if isinstance(exc, SourceTimeout) and wait_s < timeout_s:
-                # A trigger's short wait ended it, but what is wrong is the long silence.
-                silent = time.monotonic() - alive
-                exc = SourceTimeout(f"{self.source.name} has made no frame for {silent:.1f} s")
+                # A trigger's short wait ended it, but what is wrong is the long silence. (The
+                # same words each time: a changing figure made every retry a new status.)
+                exc = SourceTimeout(
+                    f"{self.source.name} has made no frame for over {timeout_s:g} s "
+                    "(source.frame_timeout_s)"
+                )
             # After a failed reopen, "not open" would hide why: report the reason it failed.
             fault = SourceError(self._open_error) if self._open_error else exc
             if after is not None:  # the controller waits for this part's verdict: say why not
