@@ -175,7 +175,7 @@ class Journal:
             if mode != "wal":
                 log.warning("journal %s runs in %s mode: this filesystem has no WAL", path, mode)
             self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._migrate()
+            self._migrate(upgrade=writer)
         except sqlite3.DatabaseError as e:
             self._conn.close()
             self._release()
@@ -189,7 +189,10 @@ class Journal:
             self._release()
             raise
 
-    def _migrate(self) -> None:
+    def _migrate(self, upgrade: bool) -> None:
+        """Create the tables in a new file; bring an older journal up to date only for the
+        station that writes it (`records` reading the journal of an older station that is
+        still running must not leave it a format it cannot open after a restart)."""
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -212,6 +215,9 @@ class Journal:
                         f"journal {self.path} is a SQLite database but not an edge-inspect "
                         f"journal (it has tables {', '.join(tables)})"
                     )
+            if version and not upgrade:  # older versions only lack indexes readers need not
+                conn.execute("COMMIT")
+                return
             for statements in _MIGRATIONS[version:]:
                 for statement in statements:
                     conn.execute(statement)

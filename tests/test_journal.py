@@ -383,3 +383,26 @@ def test_a_file_system_without_locks_is_named_as_such(
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.raises(JournalError, match=r"cannot be locked: No locks available \(put state_dir"):
         Journal(tmp_path / "journal.sqlite", writer=True)
+
+
+def test_only_the_station_brings_an_older_journal_up_to_date(tmp_path: Path) -> None:
+    """`records` (a reader) migrated the journal of a running older station, which could then
+    not open it again after a restart."""
+    path = tmp_path / "journal.sqlite"
+    first = Journal(path, writer=True)
+    first.append(**verdict(0))
+    first.close()
+    with sqlite3.connect(path) as conn:  # as version 1 left it
+        conn.execute("DROP INDEX records_age")
+        conn.execute("PRAGMA user_version = 1")
+    reader = Journal(path)
+    assert reader.counts()["total"] == 1
+    reader.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    station = Journal(path, writer=True)
+    station.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "records_age" in names
