@@ -13,8 +13,10 @@ Topics under the configured prefix P (README, "MQTT topics"):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge.config import MqttConfig
@@ -201,11 +204,26 @@ class Link:
                 info.wait_for_publish(timeout_s)
             except (RuntimeError, ValueError) as exc:
                 log.warning("offline status not confirmed: %s", exc)
+            confirmed = info.is_published()
+        else:
+            confirmed = True  # the broker's last will said offline when the link was lost
         self._stopping.set()  # what follows is our own disconnect, not a lost broker
         # paho 2.2 logs "Client is not connected" at ERROR after a clean disconnect; nothing
         # is wrong by then, so it must not show.
         self.client.disable_logger()
-        self.client.disconnect()
+        if confirmed:
+            self.client.disconnect()
+        elif self._v5:
+            # Offline is stuck behind a slow link: ask the broker for the last will instead,
+            # or a clean disconnect would leave the station "online" for good.
+            with_will = ReasonCode(PacketTypes.DISCONNECT, identifier=4)
+            self.client.disconnect(reasoncode=with_will)
+        else:  # MQTT 3.1.1 has no such request: a connection that breaks gets the last will
+            sock = self.client.socket()
+            if isinstance(sock, socket.socket):  # an ssl.SSLSocket is one too
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self.client.disconnect()
         if self._thread is not None:
             self._thread.join(timeout_s + 2)
 
@@ -359,6 +377,11 @@ class Link:
         if oldest is not None and time.monotonic() - oldest > self.cfg.live_ack_s:
             return False
         return self._send("verdict", doc, seq, self.cfg.verdict_expiry_s)
+
+    def backlog_in_flight(self) -> int:
+        """Backlog records sent and not yet acknowledged."""
+        with self._lock:
+            return len(self._inflight) - len(self._live)
 
     def publish_backlog(self, doc: dict[str, Any], seq: int) -> bool:
         if not self.connected.is_set():

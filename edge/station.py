@@ -50,6 +50,7 @@ MODEL_POLL_S = 1.0  # how often the model file is looked at for a new version
 PRUNE_EVERY_S = 10.0  # old journal records are deleted a batch at a time, this often
 OVER_LOG_EVERY_S = 60.0  # at most one "over the budget" log line this often
 LOSS_LOG_EVERY_S = 600.0  # at most one "deleted undelivered verdicts" log line this often
+BACKLOG_WINDOW = 10  # backlog records awaiting the broker's acknowledgement at most
 
 
 class _Command(BaseModel):
@@ -572,15 +573,24 @@ class Station:
                     self.stats.backlog_deleted,
                 )
 
-    def _flush_backlog(self, batch: int = 50) -> None:
+    def _flush_backlog(self) -> None:
+        """Send the oldest undelivered records, BACKLOG_WINDOW at a time: more filled paho's
+        queue (a thousand deep), and live verdicts then waited behind them for seconds on a
+        link slower than the station."""
         link = self.link
         if link is None or not link.connected.is_set():
             return
         link.retry_marks()
+        room = BACKLOG_WINDOW - link.backlog_in_flight()
+        if room <= 0:
+            return
         inflight = link.inflight_seqs()
-        for rec in self.journal.unpublished(limit=batch + len(inflight)):
-            if rec.seq not in inflight and not link.publish_backlog(rec.payload(), rec.seq):
+        for rec in self.journal.unpublished(limit=room + len(inflight)):
+            if rec.seq in inflight:
+                continue
+            if room <= 0 or not link.publish_backlog(rec.payload(), rec.seq):
                 break
+            room -= 1
 
     def _source_failed(self, exc: SourceError) -> None:
         """Report the camera fault, back off, and reopen the source after repeated failures."""

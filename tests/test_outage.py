@@ -282,3 +282,31 @@ def test_a_broker_far_away_gets_every_verdict_live(
         assert station.journal.backlog() < 30  # the ones in flight
     finally:
         proxy.close()
+
+
+def test_a_station_stopped_while_the_broker_hangs_is_left_offline(
+    tmp_path: Path,
+    parts_model: Path,
+    replay: Path,
+    broker: Broker,
+    subscribe: Callable[[str], Subscriber],
+    run_station: Callable[[Path], Station],
+) -> None:
+    """Its offline status could not get through, the clean disconnect that followed kept the
+    broker from sending the last will, and the station read 'online' for good."""
+    sub = subscribe("gone/#")
+    proxy = DelayProxy((broker.host, broker.port), 1.0)  # 2 s there and back, 50 frames/s
+    mqtt = {"host": "127.0.0.1", "port": proxy.port, "live_ack_s": 5}
+    config = write_config(
+        tmp_path, parts_model, replay, broker, "gone", source={"fps": 50}, mqtt=mqtt
+    )
+    station = run_station(config)
+    sub.wait_for("verdict", lambda m: len(sub.on("verdict")) >= 5)
+    time.sleep(2)  # more verdicts waiting than paho sends at once
+    station.stop()  # waits 3 s for the offline status to be confirmed, in vain
+    deadline, status = time.monotonic() + 20, b""
+    while status != b"offline" and time.monotonic() < deadline:
+        time.sleep(1)  # the relay delivers what it holds
+        status = subscribe("gone/status").wait_for("status", lambda m: m.retain).payload
+    proxy.close()
+    assert status == b"offline"
