@@ -323,10 +323,13 @@ class MqttConfig(_Section):
         # own, $SYS) is never what was meant.
         levels = prefix.rstrip("/").split("/")
         blank = not prefix.strip("/ ") or any(not c.isprintable() for c in prefix)
-        if blank or any(not level.strip() for level in levels[1:]) or prefix.startswith("$"):
+        spaced = any(level != level.strip() or not level for level in levels[1:]) or (
+            levels[0] != levels[0].strip()
+        )
+        if blank or spaced or prefix.startswith("$"):
             raise ValueError(
                 f"prefix {prefix!r} must be topic levels such as factory/line1/station3, "
-                "none empty, none starting with $, in printable characters"
+                "none empty or edged with spaces, none starting with $, in printable characters"
             )
         return prefix
 

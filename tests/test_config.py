@@ -102,6 +102,7 @@ def test_a_minimal_config_is_valid_and_defaults_are_safe() -> None:
         ('[model]\npath = "m"\n[source]\npath = "f"\n', "source.kind: required key is missing"),
         (GOOD + "[mqtt]\nprefix = ' '\n", "mqtt.prefix: prefix ' ' must be topic levels"),
         (GOOD + "[mqtt]\nprefix = 'x/ /y'\n", "mqtt.prefix: prefix 'x/ /y' must be topic levels"),
+        (GOOD + "[mqtt]\nprefix = 'line1 /st'\n", "mqtt.prefix: prefix 'line1 /st' must be"),
         (
             GOOD + "[mqtt]\nport = '1883'\n",
             "mqtt.port: must be a whole number, not the text '1883' (leave out the quotes)",
