@@ -32,7 +32,7 @@ MAX_CLIENT_CONNECTIONS = 16  # ... and from one address (a browser opens about 6
 # otherwise hold its connection, and its slot, for ever.
 REQUEST_DEADLINE_S = 60.0
 MIN_BODY_RATE = 10_000  # bytes a second
-HANDSHAKE_TIMEOUT_S = 10.0  # for the first byte, and for each read of a TLS handshake
+HANDSHAKE_TIMEOUT_S = 10.0  # for the first byte, then for the TLS handshake
 _PLAIN_TO_TLS = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Connection: close\r\n\r\nThis page is served over HTTPS: put https:// before the "
