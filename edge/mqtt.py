@@ -105,6 +105,7 @@ class Link:
         self._inflight: dict[int, int] = {}  # paho message id -> journal seq, this connection
         self._live: dict[int, float] = {}  # message id -> when sent, of live verdicts in flight
         self._acked_early: dict[int, bool] = {}  # message id -> delivered, before registration
+        self._untracked: set[int] = set()  # message ids of status, state, stats and errors
         # Delivered, but the journal could not mark them so (a full disk): never sent again.
         self._unmarked: set[int] = set()
         self._status = b"online"
@@ -191,12 +192,13 @@ class Link:
                 self._inflight.clear()  # unacknowledged records go out on the backlog
                 self._acked_early.clear()
                 self._live.clear()
+                self._untracked.clear()
             client = None
 
     def stop(self, timeout_s: float = 3.0) -> None:
         """Publish offline, wait for it to be delivered (bounded), disconnect."""
         if self.connected.is_set():
-            info = self.client.publish(self.topic("status"), b"offline", qos=1, retain=True)
+            info = self._publish_untracked(self.client, "status", b"offline", 1, retain=True)
             # The last state's details (model, source) stay: which model was running.
             kept = {k: v for k, v in self._state.items() if k not in ("status", "reason", "time")}
             self._publish_state("offline", "stopped", **kept)
@@ -254,9 +256,9 @@ class Link:
         else:
             client.subscribe(self.topic("cmd/#"), qos=1)
         # Retained state is published again on every connect, so it is right after a broker restart.
-        client.publish(self.topic("status"), self._status, qos=1, retain=True)
+        self._publish_untracked(client, "status", self._status, 1, retain=True)
         if self._state:  # empty until the station's first set_status, which publishes it
-            client.publish(self.topic("state"), _dumps(self._state), qos=1, retain=True)
+            self._publish_untracked(client, "state", _dumps(self._state), 1, retain=True)
         self.connected.set()
 
     def _disconnected(self, _c: mqtt.Client, ended: Any, _f: object, rc: Any, _p: object) -> None:
@@ -286,10 +288,25 @@ class Link:
         if isinstance(ended, threading.Event):
             ended.set()
 
+    def _publish_untracked(
+        self, client: mqtt.Client, name: str, payload: bytes, qos: int, retain: bool = False
+    ) -> mqtt.MQTTMessageInfo:
+        """Publish what is not a journal record (status, state, stats, errors), so that its
+        acknowledgement is not kept as an early one: a record given the same message id after
+        paho's ids wrap round (65,535 messages) would then pass as delivered at once."""
+        info = client.publish(self.topic(name), payload, qos=qos, retain=retain)
+        with self._lock:
+            if self._acked_early.pop(info.mid, None) is None:
+                self._untracked.add(info.mid)
+        return info
+
     def _published(self, _c: mqtt.Client, _u: object, mid: int, rc: Any, _p: object) -> None:
         # paho calls this holding its own lock, which publish() also takes: never call paho
         # from here, and never hold self._lock around a paho call elsewhere.
         with self._lock:
+            if mid in self._untracked:
+                self._untracked.discard(mid)
+                return
             seq = self._inflight.get(mid)
             if seq is None:  # acknowledged before _send() could register it
                 self._acked_early[mid] = not rc.is_failure
@@ -393,19 +410,19 @@ class Link:
         self._status = status.encode()
         self._publish_state(status, reason, **details)
         if self.connected.is_set():
-            self.client.publish(self.topic("status"), self._status, qos=1, retain=True)
+            self._publish_untracked(self.client, "status", self._status, 1, retain=True)
 
     def _publish_state(self, status: str, reason: str, **details: Any) -> None:
         self._state = {"status": status, "reason": reason, "time": time.time(), **details}
         if self.connected.is_set():
-            self.client.publish(self.topic("state"), _dumps(self._state), qos=1, retain=True)
+            self._publish_untracked(self.client, "state", _dumps(self._state), 1, retain=True)
 
     def publish_stats(self, doc: dict[str, Any]) -> None:
         if self.connected.is_set():
-            self.client.publish(self.topic("stats"), _dumps(doc), qos=0)
+            self._publish_untracked(self.client, "stats", _dumps(doc), 0)
 
     def publish_error(self, command: str, error: str, part_id: str | None = None) -> None:
         log.warning("command %s refused: %s", command, error)
         if self.connected.is_set():
             doc = {"command": command, "part_id": part_id, "error": error, "time": time.time()}
-            self.client.publish(self.topic("error"), _dumps(doc), qos=1)
+            self._publish_untracked(self.client, "error", _dumps(doc), 1)
