@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import queue
+import random
 import shutil
 import socket
 import subprocess
@@ -134,9 +135,18 @@ class Broker:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the kernel's range for outgoing connections. A broker port inside
+    it can be taken while the broker is down: a client reconnecting to it may be given that
+    very port as its own and connect to itself, and the broker cannot start again there."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(min(20000, low - 1000), low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 class DelayProxy:
