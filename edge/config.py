@@ -205,6 +205,26 @@ def _no_passphrase() -> bytes:
     )
 
 
+def _check_readable(files: dict[str, Path | None]) -> None:
+    """ConfigError naming the first of these files (by key path) that cannot be read."""
+    for key, path in files.items():
+        if path is None:
+            continue
+        try:
+            path.read_bytes()
+        except OSError as exc:
+            raise ConfigError([f"{key} {path}: {exc.strerror or exc}"]) from None
+
+
+def _load_pair(context: ssl.SSLContext, cert: Path, key: Path, where: str) -> None:
+    """Load a certificate and its key, never with a passphrase prompt (a service has no one
+    to answer it); ConfigError naming `where` (the cert's key path) if they are no pair."""
+    try:
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError([f"{where} {cert}: no certificate and key pair ({exc})"]) from None
+
+
 class TLSConfig(_Section):
     enabled: bool = Field(False, description="Connect with TLS")
     ca_file: Path | None = Field(
@@ -228,27 +248,17 @@ class TLSConfig(_Section):
         """The TLS context the link connects with; ConfigError naming a certificate or key
         file that cannot be read or used. Only the configured CA is trusted when one is given
         (the system's CAs otherwise)."""
-        for key in ("ca_file", "cert_file", "key_file"):
-            path = getattr(self, key)
-            if path is None:
-                continue
-            try:
-                path.read_bytes()
-            except OSError as exc:
-                raise ConfigError([f"mqtt.tls.{key} {path}: {exc.strerror or exc}"]) from None
+        _check_readable(
+            {f"mqtt.tls.{k}": getattr(self, k) for k in ("ca_file", "cert_file", "key_file")}
+        )
         try:
             context = ssl.create_default_context(cafile=self.ca_file)
         except (ssl.SSLError, ValueError) as exc:
             raise ConfigError(
                 [f"mqtt.tls.ca_file {self.ca_file}: not a CA certificate ({exc})"]
             ) from None
-        try:
-            if self.cert_file:  # never a passphrase prompt: a service has no one to answer it
-                context.load_cert_chain(self.cert_file, self.key_file, password=_no_passphrase)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise ConfigError(
-                [f"mqtt.tls.cert_file {self.cert_file}: no certificate and key pair ({exc})"]
-            ) from None
+        if self.cert_file and self.key_file:
+            _load_pair(context, self.cert_file, self.key_file, "mqtt.tls.cert_file")
         if self.insecure:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
@@ -422,19 +432,10 @@ class WebConfig(_Section):
         certificate or key file that cannot be read or used."""
         if self.tls_cert is None or self.tls_key is None:
             return None
-        for key, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
-            try:
-                path.read_bytes()
-            except OSError as exc:
-                raise ConfigError([f"web.{key} {path}: {exc.strerror or exc}"]) from None
+        _check_readable({"web.tls_cert": self.tls_cert, "web.tls_key": self.tls_key})
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_cert_chain(self.tls_cert, self.tls_key, password=_no_passphrase)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise ConfigError(
-                [f"web.tls_cert {self.tls_cert}: no certificate and key pair ({exc})"]
-            ) from None
+        _load_pair(context, self.tls_cert, self.tls_key, "web.tls_cert")
         return context
 
     @model_validator(mode="after")
