@@ -118,9 +118,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if len(r.anomaly_scores):
         print(f"  defect scores   {r.anomaly_scores.min():.2f} .. {r.anomaly_scores.max():.2f}")
     print(f"  threshold       {m.threshold:.2f}  ({m.calibration})")
-    rate = m.expected_false_reject_rate
-    shown = f"{100 * rate:.2f} %" if rate >= 1e-4 else "under 0.01 %"
-    print(f"  expected false rejects {shown} of good parts (a normal fit to the held-out scores)")
+    print(
+        f"  expected false rejects {m.false_rejects} of good parts (a normal fit to the "
+        "held-out scores)"
+    )
     above = int((r.normal_scores > m.threshold).sum())
     print(f"  held-out good images above the threshold: {above} of {len(r.normal_scores)}")
     return 0

@@ -119,14 +119,13 @@ def metrics_of(model: Model, results: list[ImageResult]) -> dict[str, object]:
 def about(model: Model, data: Path) -> dict[str, str]:
     """What an evaluation was of, for the report and the JSON: enough to trace it later."""
     meta = model.meta
-    rate = meta.expected_false_reject_rate
     return {
         "model": f"{model.path} ({model.id}), trained {meta.created}",
         "test_data": str(data.resolve()),
         "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tool_version": __version__,
         "threshold_rule": meta.calibration,
-        "expected_false_reject_rate": f"{100 * rate:.2f} %" if rate >= 1e-4 else "under 0.01 %",
+        "expected_false_reject_rate": meta.false_rejects,
     }
 
 

@@ -118,6 +118,12 @@ class ModelMeta:
         return int(h), int(w)
 
     @property
+    def false_rejects(self) -> str:
+        """The expected false-reject rate as people read it: "1.00 %", or "under 0.01 %"."""
+        rate = self.expected_false_reject_rate
+        return f"{100 * rate:.2f} %" if rate >= 1e-4 else "under 0.01 %"
+
+    @property
     def roi_box(self) -> tuple[int, int, int, int] | None:
         if not self.roi:
             return None
