@@ -15,8 +15,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import cv2
-
 from edge import __version__
 
 if TYPE_CHECKING:
@@ -183,7 +181,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from edge.files import write_atomically
     from edge.images import ImageError, list_images, read_image
     from edge.model import Model
-    from edge.overlay import JPEG_QUALITY, OVERLAY_SIDE, draw_preview
+    from edge.overlay import overlay_jpeg
 
     model = Model(args.model, threads=1)
     paths = [p for arg in args.images for p in (list_images(arg) if arg.is_dir() else [arg])]
@@ -212,11 +210,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         )
         names.add(name)
         overlay = args.overlays / f"{name}.jpg"
-        picture = draw_preview(image, detection, OVERLAY_SIDE)
-        ok, jpg = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        if not ok:
-            raise ImageError(f"the overlay of {path} cannot be encoded as JPEG")
-        write_atomically(overlay, jpg.tobytes())
+        write_atomically(overlay, overlay_jpeg(image, detection, path))
         out.append({"file": str(path), **detection.as_dict(), "overlay": str(overlay)})
         if not args.json:
             boxes = " ".join(f"[{b.x},{b.y} {b.w}x{b.h}]" for b in detection.boxes[:5])

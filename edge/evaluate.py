@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from edge import __version__
@@ -21,7 +20,7 @@ from edge.files import staged_folder, write_atomically
 from edge.images import ImageError, has_entries, list_images, read_image
 from edge.metrics import summarize
 from edge.model import Model
-from edge.overlay import JPEG_QUALITY, OVERLAY_SIDE, draw_preview
+from edge.overlay import overlay_jpeg
 from edge.report import write_report
 
 
@@ -179,11 +178,9 @@ def _write_report_files(
     overlays.mkdir()
     rows = []
     for r in results:
-        overlay = draw_preview(read_image(r.path), r.detection, OVERLAY_SIDE)
-        ok, jpg = cv2.imencode(".jpg", overlay, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        if not ok:
-            raise ImageError(f"the overlay of {r.path} cannot be encoded as JPEG")
-        (overlays / r.overlay_name).write_bytes(jpg.tobytes())
+        (overlays / r.overlay_name).write_bytes(
+            overlay_jpeg(read_image(r.path), r.detection, r.path)
+        )
         rows.append(
             {
                 "name": f"{r.path.parent.name}/{r.path.name}",  # normal/27.png, anomaly/27.png

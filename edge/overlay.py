@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from edge.detection import Detection
+from edge.images import ImageError
 
 # Colours are fixed relative to the threshold so any two pictures compare:
 # 0 is cold, the threshold is mid-scale and HOT_AT times the threshold is hottest. (A threshold
@@ -117,3 +118,13 @@ def draw_preview(image_bgr: np.ndarray, detection: Detection, longer_side: int) 
         x, y, bw, bh = fit(box.x, box.y, box.w, box.h)
         boxes.append(replace(box, x=x, y=y, w=bw, h=bh))
     return draw_overlay(small, replace(detection, roi=fit(*detection.roi), boxes=boxes))
+
+
+def overlay_jpeg(image_bgr: np.ndarray, detection: Detection, source: object) -> bytes:
+    """The overlay that detect and the evaluation report write: drawn at OVERLAY_SIDE at most,
+    as JPEG. `source` (the image's path) names it in the ImageError if it cannot be encoded."""
+    picture = draw_preview(image_bgr, detection, OVERLAY_SIDE)
+    ok, jpg = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise ImageError(f"the overlay of {source} cannot be encoded as JPEG")
+    return bytes(jpg.tobytes())
