@@ -7,11 +7,13 @@ One model file holds the whole path from the camera's uint8 BGR image to the ima
       -> float NCHW, resized (antialiased, aspect ratio kept) so the longer side is `size`
          pixels (a thin strip: the shorter side MIN_SIDE), both sides rounded to a multiple
          of 16; BGR -> RGB
-      -> (x - 127) / 128, reflect-pad by PAD pixels (keeps zero padding out of the border cells)
+      -> the region's own mean subtracted and its spread brought to CONTRAST (see there),
+         reflect-padded by PAD pixels (keeps zero padding out of the border cells)
       -> EfficientNet-Lite0 up to stride 16
       -> 3x3 average of each map, stride-16 map upsampled to stride 8, concatenated (152 channels)
       -> distance of every patch to its nearest memory-bank entry, standardised by the mean and
-         spread good images show at that position class (border rings vs interior), smoothed
+         spread good images show at that position class (border rings vs interior), smoothed,
+         less the size allowance (see _score) when regions differ in size
       -> anomaly_map [1, 1, h, w] and score [1] (its maximum)
 
 Training runs the same graph, cut after the features, so nothing outside it re-implements
@@ -27,8 +29,14 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 18
 STRIDE = 8
 PAD = 32  # pixels of the resized image; a multiple of 16
-MEAN = 127.0
-STD = 128.0
+STD = 128.0  # the backbone takes (x - 127) / 128: grey levels / STD are its input units
+# Each region is shifted to mean 0 and scaled to a spread (standard deviation) of CONTRAST grey
+# levels: about that of the ImageNet photos the backbone learnt from (0.226 x 255). A lamp that
+# dims or an exposure that drifts then changes nothing, and faint marks on a dull, low-contrast
+# surface reach the backbone as plainly as on a lively one. The price: a change of brightness
+# or contrast over the whole region, and nothing else, is not seen.
+CONTRAST = 58.0
+MIN_SPREAD = 8.0  # a blank or covered view's noise is not blown up more than CONTRAST / this
 MIN_SIDE = PAD + 16  # shortest side after resizing: reflect padding needs more than PAD px
 LARGE = 4  # regions shrunk more than this many times are shrunk in uint8 first
 SMOOTH_SIGMA = 1.0  # in map cells
@@ -116,7 +124,11 @@ def _preprocess(b: _Builder, image: str, roi: tuple[int, int, int, int] | None, 
     sizes = b.op("Concat", [b.const([1, 3]), target], axis=0)
     x = b.op("Resize", [x, "", "", sizes], mode="linear", antialias=1)
     x = b.op("Gather", [x, b.const([2, 1, 0])], axis=1)  # BGR -> RGB, on the small image
-    x = b.op("Mul", [b.op("Sub", [x, b.const([MEAN], np.float32)]), b.const([1 / STD], np.float32)])
+    # One mean and one spread over all three channels, so colours keep their balance.
+    x = b.op("Sub", [x, b.op("ReduceMean", [x], keepdims=1)])
+    spread = b.op("Sqrt", [b.op("ReduceMean", [b.op("Mul", [x, x])], keepdims=1)])
+    spread = b.op("Max", [spread, b.const([MIN_SPREAD], np.float32)])
+    x = b.op("Mul", [x, b.op("Div", [b.const([CONTRAST / STD], np.float32), spread])])
     pads = b.const([0, 0, PAD, PAD, 0, 0, PAD, PAD])
     return b.op("Pad", [x, pads], mode="reflect")
 
@@ -195,11 +207,24 @@ def _position_classes(b: _Builder, hw: str) -> str:
     return b.op("Add", [b.op("Mul", [a, b.const(BORDER_RINGS + 1)]), c])
 
 
+def _allowance(b: _Builder, cells: str) -> str:
+    """sqrt(2 ln cells): about how far the highest of that many standard normal values lies
+    above their mean."""
+    return b.op("Sqrt", [b.op("Mul", [b.op("Log", [cells]), b.const([2.0], np.float32)])])
+
+
 def _score(
-    b: _Builder, fmap: str, bank_t: str, bank_sq: str, mean: str, inv_scale: str
+    b: _Builder, fmap: str, bank_t: str, bank_sq: str, mean: str, inv_scale: str, ref_cells: str
 ) -> tuple[str, str, str]:
     """Nearest-neighbour distance of each patch in fmap [1, C, h, w] to bank_t [C, M],
-    standardised per position class: (d - mean[class]) * inv_scale[class], then smoothed."""
+    standardised per position class: (d - mean[class]) * inv_scale[class], then smoothed.
+
+    The score is the map's maximum, and a larger region has more cells in which the noise of
+    a good part can peak. Where regions differ in size (a model for any size), the map is
+    lowered by the difference in sqrt(2 ln cells) between this map and one of ref_cells cells
+    (the training images' usual map), so that a wide region and a narrow one are held to the
+    same false-reject rate. A map of ref_cells cells, as every map of a one-size model is, is
+    left exactly as it is."""
     shape = b.op("Shape", [fmap])
     c = b.op("Slice", [shape, b.const([1]), b.const([2])])
     q = b.op(
@@ -223,6 +248,8 @@ def _score(
     r = kernel.shape[-1] // 2
     padded = b.op("Pad", [z, b.const([0, 0, r, r, 0, 0, r, r])], mode="reflect")
     amap = b.op("Conv", [padded, b.const(kernel, np.float32)])
+    cells = b.op("Cast", [b.op("ReduceProd", [hw], keepdims=1)], to=TensorProto.FLOAT)
+    amap = b.op("Sub", [amap, b.op("Sub", [_allowance(b, cells), _allowance(b, ref_cells)])])
     score = b.op("ReduceMax", [amap, b.const([1, 2, 3])], keepdims=0)
     return b.op("Reshape", [score, b.const([1])]), amap, raw
 
@@ -270,13 +297,13 @@ def build_feature_graph(
 
 
 def build_scoring_graph(channels: int) -> onnx.ModelProto:
-    """features [1, C, h, w], bank [C, M], bank_sq [M], mean [K], inv_scale [K]
+    """features [1, C, h, w], bank [C, M], bank_sq [M], mean [K], inv_scale [K], ref_cells [1]
     -> score [1], anomaly_map [1, 1, h, w], raw_map [1, 1, h, w] (distances before standardising).
 
     Calibration runs this with parts of the bank held out.
     """
     b = _Builder()
-    score, amap, raw = _score(b, "features", "bank", "bank_sq", "mean", "inv_scale")
+    score, amap, raw = _score(b, "features", "bank", "bank_sq", "mean", "inv_scale", "ref_cells")
     f = TensorProto.FLOAT
     inputs = [
         helper.make_tensor_value_info("features", f, [1, channels, "h", "w"]),
@@ -284,6 +311,7 @@ def build_scoring_graph(channels: int) -> onnx.ModelProto:
         helper.make_tensor_value_info("bank_sq", f, ["m"]),
         helper.make_tensor_value_info("mean", f, [POSITION_CLASSES]),
         helper.make_tensor_value_info("inv_scale", f, [POSITION_CLASSES]),
+        helper.make_tensor_value_info("ref_cells", f, [1]),
     ]
     return _finish(b, inputs, {"score": score, "anomaly_map": amap, "raw_map": raw})
 
@@ -296,10 +324,12 @@ def build_model_graph(
     bank: np.ndarray,
     mean: np.ndarray,
     inv_scale: np.ndarray,
+    ref_cells: int,
 ) -> onnx.ModelProto:
     """The deployable model: image -> score [1], anomaly_map [1, 1, h, w].
 
-    bank is [M, C]; mean and inv_scale [POSITION_CLASSES] standardise the distances.
+    bank is [M, C]; mean and inv_scale [POSITION_CLASSES] standardise the distances;
+    ref_cells is the usual map size of the training images (see _score).
     """
     b = _Builder()
     s8, s16 = _inline_backbone(b, backbone, _preprocess(b, "image", roi, size))
@@ -310,6 +340,7 @@ def build_model_graph(
     stats = [
         b.const(mean, np.float32, "position_mean"),
         b.const(inv_scale, np.float32, "position_inv_scale"),
+        b.const([float(ref_cells)], np.float32, "reference_cells"),
     ]
     score, amap, _ = _score(b, fmap, bank_t, bank_sq, *stats)
     return _finish(b, [_image_input(image_hw)], {"score": score, "anomaly_map": amap})

@@ -407,7 +407,13 @@ def train(
     )
 
     classes = graph.POSITION_CLASSES
-    stats = {"mean": np.zeros(classes, np.float32), "inv_scale": np.ones(classes, np.float32)}
+    # The usual map size of the good images: scores of other sizes are made comparable to it.
+    ref_cells = round(float(np.median([f.shape[2] * f.shape[3] for f in fmaps])))
+    stats = {
+        "mean": np.zeros(classes, np.float32),
+        "inv_scale": np.ones(classes, np.float32),
+        "ref_cells": np.array([ref_cells], np.float32),
+    }
 
     def score(fmap: np.ndarray, keep: np.ndarray) -> tuple[float, np.ndarray]:
         b = bank[keep]
@@ -434,7 +440,7 @@ def train(
         raw_maps.append(score(fmap, held_out[i])[1])
         progress("calibration", i + 1, steps)
     mean, inv_scale = position_stats(raw_maps)
-    stats = {"mean": mean, "inv_scale": inv_scale}
+    stats.update(mean=mean, inv_scale=inv_scale)
     normal_scores = []
     for i, fmap in enumerate(fmaps):
         normal_scores.append(score(fmap, held_out[i])[0])
@@ -486,7 +492,9 @@ def train(
         shift=opts.shift,
         rotate_deg=opts.rotate_deg,
     )
-    model = graph.build_model_graph(backbone, image_hw, opts.roi, opts.size, bank, mean, inv_scale)
+    model = graph.build_model_graph(
+        backbone, image_hw, opts.roi, opts.size, bank, mean, inv_scale, ref_cells
+    )
     for k, v in meta.to_props().items():
         model.metadata_props.add(key=k, value=v)
     write_atomically(output, model.SerializeToString())

@@ -86,7 +86,7 @@ def _avg3(x: np.ndarray) -> np.ndarray:
 
 def test_onnx_output_matches_an_independent_numpy_computation(tmp_path: Path, parts: Path) -> None:
     # Images already at the working size make the in-graph resize an identity, so every step
-    # can be recomputed here: colour order, scaling, padding, pooling, nearest neighbours.
+    # can be recomputed here: colour order, contrast, padding, pooling, nearest neighbours.
     data = tmp_path / "data"
     (data / "normal").mkdir(parents=True)
     for p in list_images(parts / "train" / "normal")[:12]:
@@ -98,7 +98,10 @@ def test_onnx_output_matches_an_independent_numpy_computation(tmp_path: Path, pa
     frame = cv2.resize(frame, (160, 128), interpolation=cv2.INTER_AREA)
     score, amap = Model(out).run(frame)
 
-    x = (frame[:, :, ::-1].astype(np.float32) - 127) / 128
+    x = frame[:, :, ::-1].astype(np.float64)
+    x -= x.mean()
+    x *= (graph.CONTRAST / graph.STD) / max(x.std(), graph.MIN_SPREAD)
+    x = x.astype(np.float32)
     x = np.pad(x, ((graph.PAD, graph.PAD), (graph.PAD, graph.PAD), (0, 0)), mode="reflect")
     backbone = ort.InferenceSession(str(backbone_path()), providers=["CPUExecutionProvider"])
     s8, s16 = backbone.run(None, {"input": x.transpose(2, 0, 1)[None].copy()})
@@ -123,6 +126,57 @@ def test_onnx_output_matches_an_independent_numpy_computation(tmp_path: Path, pa
     assert amap.shape == smooth.shape
     np.testing.assert_allclose(amap, smooth, rtol=2e-3, atol=2e-3)
     assert score == pytest.approx(float(smooth.max()), rel=2e-3)
+
+
+def test_a_dimmer_light_or_a_duller_exposure_does_not_change_the_verdict(
+    parts: Path, parts_model: Path
+) -> None:
+    # The whole frame at 60 % of its brightness and 70 % of its contrast (a lamp going dim,
+    # an exposure drifting): good parts stay OK and defective ones NG, at nearly their scores.
+    model = Model(parts_model)
+    for label, verdict in (("normal", "ok"), ("anomaly", "ng")):
+        for path in list_images(parts / "test" / label)[:4]:
+            image = read_image(path).astype(np.float32)
+            dim = 0.6 * (image.mean() + 0.7 * (image - image.mean()))
+            before = model.detect(read_image(path))
+            after = model.detect(np.clip(np.rint(dim), 0, 255).astype(np.uint8))
+            assert before.verdict == after.verdict == verdict, path.name
+            assert abs(after.score - before.score) < 0.15 * model.threshold, path.name
+
+
+def test_a_larger_region_is_allowed_its_larger_chance_of_a_peak() -> None:
+    # The map's maximum over N cells of good-part noise grows like sqrt(2 ln N): a map is
+    # lowered by that allowance relative to the training images' usual size, and a map of
+    # that very size is left exactly as it is.
+    rng = np.random.default_rng(0)
+    c = 8
+    session = ort.InferenceSession(
+        graph.build_scoring_graph(c).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    bank = rng.normal(size=(c, 30)).astype(np.float32)
+    for h, w in ((12, 16), (6, 8)):
+        feats = rng.normal(size=(1, c, h, w)).astype(np.float32)
+
+        def run(ref: int, feats: np.ndarray = feats) -> tuple[np.ndarray, np.ndarray]:
+            inputs = {
+                "features": feats,
+                "bank": bank,
+                "bank_sq": (bank * bank).sum(0),
+                "mean": np.zeros(graph.POSITION_CLASSES, np.float32),
+                "inv_scale": np.ones(graph.POSITION_CLASSES, np.float32),
+                "ref_cells": np.array([ref], np.float32),
+            }
+            score, amap, raw = session.run(None, inputs)
+            assert score[0] == amap.max()
+            return amap[0, 0], raw[0, 0]
+
+        same, raw = run(h * w)
+        k = cv2.getGaussianKernel(5, graph.SMOOTH_SIGMA)
+        smooth = cv2.sepFilter2D(raw, -1, k, k, borderType=cv2.BORDER_REFLECT_101)
+        np.testing.assert_allclose(same, smooth, rtol=1e-5, atol=1e-5)
+        other, _ = run(192 if h * w != 192 else 48)
+        allowance = np.sqrt(2 * np.log(h * w)) - np.sqrt(2 * np.log(192 if h * w != 192 else 48))
+        np.testing.assert_allclose(other, same - allowance, rtol=1e-5, atol=1e-5)
 
 
 def test_a_phone_sized_photo_gives_the_features_of_the_same_scene_at_camera_size(
