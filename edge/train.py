@@ -121,17 +121,37 @@ class _Checks:
         return None if self.odd or self.first is None else self.first[1]
 
 
-def _augment(
-    image: np.ndarray, n: int, opts: TrainOptions, rng: np.random.Generator
-) -> Iterator[np.ndarray]:
-    """n copies of image, made one at a time, each shifted (and turned, if asked) a little, as
-    a part placed again would be. The strip uncovered at the border repeats the edge pixels:
-    mirroring them would add structure (a mirrored corner or line) that no real image shows."""
+def placements(count: int, opts: TrainOptions) -> np.ndarray:
+    """count rows of (x shift, y shift, turn) for the augmented copies, shifts as shares of the
+    region and turns in degrees: the copies of all the images together spread evenly over the
+    allowed range, so the bank sees every offset (and turn), not a random bunch of them.
+
+    The points are Roberts' sequence in 2 dimensions, or 3 with turns: point k is
+    frac(start + k * phi^-(1..d)), phi the root of x^(d+1) = x + 1; any run of consecutive
+    points covers the square (cube) evenly, where random draws leave clumps and gaps. The
+    seed picks the start.
+    """
+    d = 3 if opts.rotate_deg else 2
+    phi = 2.0
+    for _ in range(40):
+        phi = (1 + phi) ** (1 / (d + 1))
+    start = np.random.default_rng(opts.seed).uniform(size=d)
+    u = (start + np.arange(1, count + 1)[:, None] * phi ** -np.arange(1.0, d + 1)) % 1.0
+    if d == 2:
+        u = np.column_stack([u, np.full(count, 0.5)])  # no turn
+    out: np.ndarray = (2 * u - 1) * np.array([opts.shift, opts.shift, opts.rotate_deg])
+    return out
+
+
+def _augment(image: np.ndarray, moves: np.ndarray) -> Iterator[np.ndarray]:
+    """Copies of image, made one at a time, each shifted (and turned, if asked) as a row of
+    placements() says, as a part placed again would be. The strip uncovered at the border
+    repeats the edge pixels: mirroring them would add structure (a mirrored corner or line)
+    that no real image shows."""
     h, w = image.shape[:2]
-    for _ in range(n):
-        angle = rng.uniform(-opts.rotate_deg, opts.rotate_deg)
-        m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0).astype(np.float64)
-        m[:, 2] += rng.uniform(-opts.shift, opts.shift, 2) * np.array([w, h])
+    for dx, dy, angle in moves:
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), float(angle), 1.0).astype(np.float64)
+        m[:, 2] += np.array([dx * w, dy * h])
         yield cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REPLICATE)
 
 
@@ -348,8 +368,8 @@ def train(
         providers=["CPUExecutionProvider"],
     )
 
-    rng = np.random.default_rng(opts.seed)
-    sampler = np.random.default_rng(opts.seed + 1)  # leaves the copies' shifts as they were
+    moves = placements(len(normal_paths) * opts.augment, opts)
+    sampler = np.random.default_rng(opts.seed + 1)
     total = len(normal_paths) * (1 + opts.augment)
     per_view = max(1, PATCH_BUDGET // total)
     # Patches go straight into one buffer: pages never written cost no memory.
@@ -375,7 +395,8 @@ def train(
     for i, path in enumerate(normal_paths):
         image = read_image(path)
         checks.add(path, image)
-        views = itertools.chain([image], _augment(image, opts.augment, opts, rng))
+        mine = moves[i * opts.augment : (i + 1) * opts.augment]
+        views = itertools.chain([image], _augment(image, mine))
         for copy, view in enumerate(views):
             (fmap,) = features.run(None, {"image": view})
             if (i, copy) in calibration:

@@ -18,7 +18,7 @@ from edge import graph
 from edge.assets import backbone_path
 from edge.images import ImageError, list_images, read_image
 from edge.model import Model, ModelError, describe, read_meta
-from edge.train import TrainError, TrainOptions, coreset, position_stats, train
+from edge.train import TrainError, TrainOptions, coreset, placements, position_stats, train
 
 
 def scores(model: Model, folder: Path) -> list[float]:
@@ -466,6 +466,25 @@ def test_a_large_dataset_is_sampled_to_bounded_memory_and_still_separates(
     good = scores(model, parts / "test" / "normal")
     bad = scores(model, parts / "test" / "anomaly")
     assert max(good) < min(bad)
+
+
+def test_the_copies_of_twenty_images_cover_every_offset_and_turn_allowed() -> None:
+    # 20 images x 3 copies: every cell of a 5 x 5 grid over the allowed shifts holds a copy
+    # (60 random draws leave one empty 93 times in 100), and with turns every tenth of the
+    # allowed turn does too.
+    def cells(moves: np.ndarray, n: int) -> set[tuple[int, int]]:
+        grid = np.floor((moves[:, :2] + 0.05) / 0.1 * n).astype(int)
+        return {(a, b) for a, b in grid}
+
+    for seed in range(3):
+        moves = placements(60, TrainOptions(shift=0.05, seed=seed))
+        assert np.all(np.abs(moves[:, :2]) <= 0.05) and not np.any(moves[:, 2])
+        assert len(cells(moves, 5)) == 25
+        turned = placements(60, TrainOptions(shift=0.05, rotate_deg=10, seed=seed))
+        assert np.all(np.abs(turned) <= [0.05, 0.05, 10])
+        assert len(set(np.floor((turned[:, 2] + 10) / 2).astype(int))) == 10
+        assert len(cells(turned, 4)) == 16
+    assert not np.array_equal(placements(60, TrainOptions(seed=1)), placements(60, TrainOptions()))
 
 
 def test_augmentation_options_out_of_range_are_refused(tmp_path: Path, textures: Path) -> None:
